@@ -57,7 +57,9 @@ def _check(tensors: Sequence[Tensor], what: str = "task vectors") -> torch.dtype
     shape = tensors[0].shape
     for i, t in enumerate(tensors):
         if not t.is_floating_point():
-            raise CheckpointError(f"{what}[{i}] has non-floating dtype {t.dtype}; only floating tensors merge")
+            raise CheckpointError(
+                f"{what}[{i}] has non-floating dtype {t.dtype}; only floating tensors merge"
+            )
         if t.shape != shape:
             raise CheckpointError(f"{what}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return compute_dtype(tensors)
@@ -125,7 +127,9 @@ def _elect_and_disjoint_mean(
     agree = sign == elected
     if weights is not None:
         stacked = stacked * _weight_column(weights, stacked.shape[0], stacked)
-    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(dim=0)
+    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(
+        dim=0
+    )
     count = agree.sum(dim=0).clamp_(min=1).to(stacked.dtype)
     return total.div_(count)
 
@@ -204,7 +208,8 @@ def _generator_list(generator: Generators, n: int) -> list[torch.Generator | Non
 def _dare_drop(tau: Tensor, density: float, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
     """DARE on one task vector: ``tau * mask / density`` with ``mask = dare_mask(...)`` (fresh tensor)."""
     mask = dare_mask(tau.shape, density, generator, device=tau.device)
-    return tau.to(dtype) * mask.to(dtype).div_(density)
+    # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
+    return (tau.to(dtype) * mask).div_(density)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -383,13 +388,15 @@ def iso_c(task_vectors: Sequence[Tensor], weights: Sequence[float] | None = None
     Subspaces", ICML 2025).
 
     2-D tensors: ``D = sum_i w_i tau_i = U S V^T`` (reduced SVD) and the result ``U (mean(S) I) V^T``: the
-    spectrum flattened to its mean singular value. Other ranks: the sum ``D`` (task arithmetic), as the
-    authors' code does. In the paper the result is then scaled by alpha; that is the spec's ``scale``
-    (applied by the dispatcher, not here).
+    spectrum flattened to its mean singular value (so the Frobenius norm changes, the subspaces do not).
+    Other ranks (biases, LayerNorm, scalars): the *mean* ``(1/T) sum_i w_i tau_i``, which is what the authors'
+    code does (it computes ``sum(tvs) / len(tvs)`` for every key and multiplies by ``len(tvs)`` only for the
+    2-D ones). In the paper the result is then scaled by alpha: that is the spec's ``scale``, applied by the
+    dispatcher, not here.
     """
     dtype = _check(task_vectors)
     delta = _weighted_sum(task_vectors, _weights(weights, len(task_vectors)), dtype)
     if delta.dim() != 2:
-        return delta
+        return delta.div_(len(task_vectors))
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     return (u * s.mean()) @ vh
