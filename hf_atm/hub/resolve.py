@@ -61,13 +61,15 @@ def resolve_model(
     allow_patterns: tuple[str, ...] | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    endpoint: str | None = None,
 ) -> Path:
     """Return a local folder holding the model named by ``ref``.
 
     ``ref`` is a local folder, or a Hub repo id optionally followed by ``@revision`` (branch, tag or commit).
     Repo ids are fetched with ``snapshot_download`` restricted to :data:`MERGE_FILE_PATTERNS` (plus ``*.bin``
-    when ``allow_pickle``), honouring the cache and ``HF_HUB_OFFLINE``. Raises :class:`HubError` naming the
-    reference and the Hub's (or the cache's) own message when it cannot be resolved.
+    when ``allow_pickle``), honouring the cache and ``HF_HUB_OFFLINE``; `endpoint` overrides ``HF_ENDPOINT``
+    (a mirror). Raises :class:`HubError` naming the reference and the Hub's (or the cache's) own message, on
+    one line, when it cannot be resolved.
     """
     path = Path(ref).expanduser()
     if path.exists():
@@ -80,17 +82,24 @@ def resolve_model(
     patterns = list(allow_patterns or MERGE_FILE_PATTERNS)
     if allow_pickle:
         patterns += list(PICKLE_FILE_PATTERNS)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         local = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir
+            repo_id, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir,
+            endpoint=endpoint,
         )
     except LocalEntryNotFoundError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
-        hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
-        raise HubError(f"cannot resolve model {str(ref)!r}{hint}: {exc}") from exc
+        what = f"revision {revision!r} of {repo_id}" if revision else repo_id
+        hint = (f" (HF_HUB_OFFLINE is set and {what} is not in the local cache)"
+                if constants.is_offline_mode() else "")
+        raise HubError(f"cannot resolve model {str(ref)!r}{hint}: {_one_line(exc)}") from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise HubError(f"cannot resolve model {str(ref)!r}: {exc}") from exc
+        raise HubError(f"cannot resolve model {str(ref)!r}: {_one_line(exc)}") from exc
     return Path(local)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (the CLI prints errors as one line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
