@@ -1,0 +1,465 @@
+"""The ClientApp of federated ATM: one Flower node holds one task (its data and its head).
+
+Which task: the node config ``task`` (``flower-supernode --node-config "task='noun_category'"``), else
+``partition-id`` (the simulation's node index) into the sorted task list. The node's state between messages
+(``context.state``): the global backbone of the round it last received (``atm_backbone``), its head
+(``atm_head``), that round's number (``atm_client.version``) and, with error feedback, its residual.
+
+Messages (see :mod:`hf_atm.federated.strategy`):
+
+* QUERY ``hello``: task, label names, example counts, state version;
+* QUERY ``sync``: store the full backbone and head sent by the server;
+* TRAIN: fine-tune the task from the stored backbone exactly as ``ATMTrainer`` does (same code through
+  :func:`finetune_task`, same per-(seed, round, task) seeding) and reply with the task vector (compressed as
+  asked) and the example count. Under SecAgg+ the message arrives through Flower's ``secaggplus_mod`` (legacy
+  ``FitIns`` layout) and the reply carries ``c_i * u_i`` for masking;
+* EVALUATE: apply the merged delta to the stored backbone, evaluate on ``validation`` (or ``test``), reply
+  with the accuracy and the head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from hf_atm.errors import CheckpointError, TaskDataError
+from hf_atm.federated.compression import (
+    Compression,
+    ErrorFeedback,
+    decode_delta,
+    encode_delta,
+    record_to_tensors,
+    tensors_to_record,
+)
+from hf_atm.federated.strategy import (
+    ACTION_HELLO,
+    ACTION_SYNC,
+    PROTOCOL,
+    REC_BACKBONE,
+    REC_CONFIG,
+    REC_DELTA,
+    REC_HEAD,
+    REC_INFO,
+    REC_METRICS,
+    REC_TAU,
+    FederatedATMConfig,
+    apply_delta,
+    secagg_client_transform,
+)
+from hf_atm.merging.spec import MergeSpec
+
+__all__ = ["app", "finetune_task", "load_processing_class", "load_task_data", "make_client_app", "node_task"]
+
+log = logging.getLogger("hf_atm.federated")
+
+STATE_CONFIG = "atm_client"
+STATE_RESIDUAL = "atm_residual"
+FITINS_CONFIG = "fitins.config"  # Flower's legacy FitIns layout (what SecAggPlusWorkflow sends)
+
+_DATA: OrderedDict[str, tuple[dict[str, Any], Any]] = OrderedDict()
+_LOCAL: OrderedDict[str, _Local] = OrderedDict()
+# per process: a simulation actor serves several nodes in turn; a SuperNode holds one task
+_CACHE_SIZE = int(os.environ.get("HF_ATM_FEDERATED_CACHE", "4"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data and the local model
+# ----------------------------------------------------------------------------------------------------------
+def load_processing_class(model_ref: str) -> Any:
+    """The tokenizer saved with `model_ref` (local folder or Hub id, offline-friendly), or None."""
+    from transformers import AutoTokenizer
+
+    from hf_atm.hub.resolve import resolve_model
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model_ref), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _import(spec: str) -> Any:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise TaskDataError(f"data: expected 'suite:<name>' or 'module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise TaskDataError(f"data: cannot import {spec!r}: {e}") from e
+
+
+def load_task_data(cfg: FederatedATMConfig) -> tuple[dict[str, Any], Any]:
+    """``({task: DatasetDict of model inputs + labels}, processing class)`` of ``cfg.data`` (cached per
+    process).
+
+    ``suite:<name>``: ``hf_atm.data.load_suite(name, tasks=cfg.tasks, **data_kwargs)``; text suites are
+    tokenized with the model's tokenizer (``max_length`` from data_kwargs, default 64), image suites
+    pixelized (``image_size`` / ``mean`` / ``std`` / ``num_channels`` from data_kwargs).
+    ``module:function``: ``function(**data_kwargs)`` returning ``{task: DatasetDict}`` or ``(that, processor)``.
+    """
+    key = json.dumps([cfg.model, cfg.data, cfg.data_kwargs, cfg.tasks], sort_keys=True, default=str)
+    if key in _DATA:
+        _DATA.move_to_end(key)
+        return _DATA[key]
+    kw = dict(cfg.data_kwargs or {})
+    if cfg.data.startswith("suite:"):
+        from hf_atm.data import load_suite, pixelize_suite, suite_modality, tokenize_suite
+
+        name = cfg.data.split(":", 1)[1]
+        prep_keys = ("max_length", "image_size", "mean", "std", "num_channels")
+        prep = {k: kw.pop(k) for k in prep_keys if k in kw}
+        suite = load_suite(name, tasks=cfg.tasks, **kw)
+        if suite_modality(name) == "text":
+            proc = load_processing_class(cfg.model)
+            if proc is None:
+                raise TaskDataError(f"data {cfg.data!r}: the model {cfg.model!r} has no tokenizer to tokenize it")
+            suite = tokenize_suite(suite, proc, max_length=int(prep.get("max_length", 64)))
+        else:
+            proc = None
+            suite = pixelize_suite(suite, **{k: v for k, v in prep.items() if k != "max_length"})
+    else:
+        out = _import(cfg.data)(**kw)
+        suite, proc = out if isinstance(out, tuple) else (out, None)
+    if not isinstance(suite, Mapping) or not suite:
+        raise TaskDataError(f"data {cfg.data!r} gave no tasks")
+    if cfg.tasks is not None:
+        missing = [t for t in cfg.tasks if t not in suite]
+        if missing:
+            raise TaskDataError(f"data {cfg.data!r} has no task(s) {missing} (it has {sorted(suite)})")
+        suite = {t: suite[t] for t in cfg.tasks}
+    _DATA[key] = (dict(suite), proc)
+    while len(_DATA) > _CACHE_SIZE:
+        _DATA.popitem(last=False)
+    return _DATA[key]
+
+
+def node_task(node_config: Mapping[str, Any], tasks: Sequence[str]) -> str:
+    """The task of a node: node config ``task``, else ``partition-id`` into the sorted `tasks`."""
+    names = sorted(tasks)
+    if "task" in node_config:
+        task = str(node_config["task"])
+        if task not in names:
+            raise TaskDataError(f"node config task={task!r} is not one of the data's tasks {names}")
+        return task
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(names):
+            raise TaskDataError(f"node config partition-id={pid} out of range for {len(names)} tasks {names}")
+        return names[pid]
+    raise TaskDataError("the node config names no task: start the SuperNode with --node-config \"task='<name>'\"")
+
+
+def _label_names(dd: Any, task: str) -> list[str]:
+    ds = dd["train"] if "train" in dd else next(iter(dd.values()))
+    for col in ("labels", "label"):
+        names = getattr(ds.features.get(col), "names", None) if col in ds.features else None
+        if names:
+            return [str(x) for x in names]
+    raise TaskDataError(f"task {task!r}: the label column is not a ClassLabel (no label names)")
+
+
+@dataclass
+class _Local:
+    """One task's model and trainer in this process."""
+
+    task: str
+    model: Any
+    trainer: Any
+    labels: list[str]
+    num_train: int
+    num_validation: int
+
+
+def _local(cfg: FederatedATMConfig, ctx: Context) -> _Local:
+    """The cached (per process) model and ATMTrainer of this node's task."""
+    from transformers import PrinterCallback
+
+    from hf_atm.atm import ATMTrainer, MultiTaskModel
+
+    suite, proc = load_task_data(cfg)
+    task = node_task(ctx.node_config, list(suite))
+    key = json.dumps([cfg.to_dict(), task], sort_keys=True, default=str)
+    if key in _LOCAL:
+        _LOCAL.move_to_end(key)
+        return _LOCAL[key]
+    labels = _label_names(suite[task], task)
+    model = MultiTaskModel.from_backbone(cfg.model, {task: labels}, pooling=cfg.pooling, seed=cfg.head_seed)
+    args = cfg.atm_args(tempfile.gettempdir() + "/hf_atm_federated_client")
+    trainer = ATMTrainer(model=model, args=args, task_datasets={task: suite[task]}, processing_class=proc)
+    trainer.remove_callback(PrinterCallback)  # a node logs through Flower, not by printing every evaluation
+    local = _Local(task, model, trainer, labels, len(suite[task]["train"]), len(suite[task]["validation"]))
+    _LOCAL[key] = local
+    while len(_LOCAL) > _CACHE_SIZE:
+        _LOCAL.popitem(last=False)
+    return local
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the per-task fine-tuning (ATMTrainer's)
+# ----------------------------------------------------------------------------------------------------------
+def finetune_task(trainer: Any, task: str, round_idx: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One PA-ATM fine-tuning of `task` on ``trainer.model`` from its current backbone: the per-task step of
+    ``ATMTrainer._run_round`` (same steps, fresh optimizer and schedule, every RNG seeded from
+    ``(args.seed, round_idx, task)``), so a node computes bit for bit the task vector the in-process trainer
+    computes. Returns ``(tau, {"loss", "steps", "train-seconds"})`` with ``tau = theta_i - theta`` in float32
+    (float64 tensors stay float64; with LoRA the adapter's ``B @ A * scaling``). The model keeps the tuned
+    weights (backbone and head)."""
+    args = trainer.args
+    model = trainer.model
+    tensors = model.backbone_tensors()
+    lora = args.lora_r > 0
+    theta = None if lora else {n: t.detach().clone() for n, t in tensors.items()}
+    steps = trainer.steps_per_round(task)
+    # ATMTrainer's round bookkeeping that _finetune reads (epoch fraction for callbacks)
+    trainer._round_steps_done, trainer._round_steps_total = 0, steps
+    run = trainer._finetune(
+        task, trainer.task_data[task][trainer._train_split], steps=steps,
+        seed=trainer._task_seed(round_idx, task), round_idx=round_idx, persistent_key=task,
+    )
+    if lora:
+        tau = run.pop("tau")
+    else:
+        tau = {name: t.detach().float() - theta[name].float() if t.dtype != torch.float64 else t.detach() - theta[name]
+               for name, t in tensors.items()}
+    return tau, {"loss": float(run["loss"]), "steps": int(run["steps"]), "train-seconds": float(run["train_seconds"])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# node state
+# ----------------------------------------------------------------------------------------------------------
+def _version(ctx: Context) -> int:
+    rec = ctx.state.config_records.get(STATE_CONFIG)
+    return int(rec["version"]) if rec is not None and "version" in rec else -1
+
+
+def _set_version(ctx: Context, version: int, task: str) -> None:
+    ctx.state.config_records[STATE_CONFIG] = ConfigRecord({"version": int(version), "task": task})
+
+
+def _check_tensors(local: _Local, backbone: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor]) -> None:
+    mine = local.model.backbone_tensors()
+    if set(backbone) != set(mine):
+        diff = sorted(set(backbone) ^ set(mine))[:5]
+        raise CheckpointError(f"task {local.task!r}: the server's backbone does not match this node's ({diff})")
+    for n, t in backbone.items():
+        if tuple(t.shape) != tuple(mine[n].shape):
+            raise CheckpointError(f"tensor {n!r}: server shape {tuple(t.shape)} != node shape {tuple(mine[n].shape)}")
+    want = local.model.heads[local.task].state_dict()
+    for k, v in want.items():
+        if k not in head or tuple(head[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"task {local.task!r}: head tensor {k!r} missing or of the wrong shape")
+
+
+@torch.no_grad()
+def _load_state(local: _Local, ctx: Context) -> None:
+    """Copy the stored backbone and head into the local model."""
+    if REC_BACKBONE not in ctx.state.array_records or REC_HEAD not in ctx.state.array_records:
+        raise CheckpointError(f"task {local.task!r}: this node holds no model yet (no sync received)")
+    backbone = record_to_tensors(ctx.state.array_records[REC_BACKBONE])
+    head = record_to_tensors(ctx.state.array_records[REC_HEAD])
+    _check_tensors(local, backbone, head)
+    for n, t in local.model.backbone_tensors().items():
+        t.copy_(backbone[n])
+    for k, v in local.model.heads[local.task].state_dict(keep_vars=True).items():
+        v.data.copy_(head[k])
+
+
+def _store_backbone(local: _Local, ctx: Context) -> None:
+    ctx.state.array_records[REC_BACKBONE] = tensors_to_record(local.model.backbone_tensors())
+
+
+def _head_tensors(local: _Local) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in local.model.heads[local.task].state_dict().items()}
+
+
+def _reply(msg: Message, info: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
+           arrays: Mapping[str, ArrayRecord] | None = None) -> Message:
+    content = RecordDict({REC_INFO: ConfigRecord(dict(info))})
+    if metrics is not None:
+        content[REC_METRICS] = MetricRecord(dict(metrics))
+    for k, v in (arrays or {}).items():
+        content[k] = v
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# handlers
+# ----------------------------------------------------------------------------------------------------------
+def _query(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
+    conf = msg.content.config_records[REC_CONFIG]
+    local = _local(cfg, ctx)
+    action = str(conf["action"])
+    if action == ACTION_HELLO:
+        return _reply(msg, {"task": local.task, "labels": list(local.labels), "num-train": local.num_train,
+                            "num-validation": local.num_validation, "version": _version(ctx), "protocol": PROTOCOL})
+    if action == ACTION_SYNC:
+        if str(conf["task"]) != local.task:
+            raise TaskDataError(f"sync for task {conf['task']!r} reached the node of task {local.task!r}")
+        backbone = record_to_tensors(msg.content.array_records[REC_BACKBONE])
+        head = record_to_tensors(msg.content.array_records[REC_HEAD])
+        _check_tensors(local, backbone, head)
+        ctx.state.array_records[REC_BACKBONE] = msg.content.array_records[REC_BACKBONE]
+        ctx.state.array_records[REC_HEAD] = msg.content.array_records[REC_HEAD]
+        ctx.state.array_records.pop(STATE_RESIDUAL, None)
+        _set_version(ctx, int(conf["version"]), local.task)
+        return _reply(msg, {"task": local.task, "version": int(conf["version"])})
+    raise ValueError(f"unknown query action {action!r}")
+
+
+def _inject_fault(cfg: FederatedATMConfig, task: str, round_idx: int) -> None:
+    if cfg.fail_task is None or cfg.fail_task != task:
+        return
+    if cfg.fail_round not in (0, round_idx):
+        return
+    if cfg.fail_mode == "hang":
+        time.sleep(float(cfg.fail_seconds))
+        return
+    raise RuntimeError(f"injected fault: task {task!r} fails in round {round_idx} (fail_task / fail_round)")
+
+
+def _train_common(cfg: FederatedATMConfig, ctx: Context, conf: Mapping[str, Any]) -> tuple[_Local, dict, dict]:
+    local = _local(cfg, ctx)
+    round_idx = int(conf["round"])
+    if str(conf["task"]) != local.task:
+        raise TaskDataError(f"train for task {conf['task']!r} reached the node of task {local.task!r}")
+    if _version(ctx) != int(conf["version"]):
+        raise CheckpointError(f"task {local.task!r}: node holds round {_version(ctx)}, train needs round "
+                              f"{int(conf['version'])} (the server re-syncs it next round)")
+    _inject_fault(cfg, local.task, round_idx)
+    _load_state(local, ctx)
+    tau, stats = finetune_task(local.trainer, local.task, round_idx)
+    ctx.state.array_records[REC_HEAD] = tensors_to_record(_head_tensors(local))
+    stats["num-examples"] = local.num_train
+    return local, tau, stats
+
+
+def _train(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
+    if FITINS_CONFIG in msg.content.config_records:
+        return _train_secagg(cfg, msg, ctx)
+    conf = msg.content.config_records[REC_CONFIG]
+    local, tau, stats = _train_common(cfg, ctx, conf)
+    comp = Compression(**json.loads(str(conf["uplink"])))
+    seed = int(conf["uplink-seed"])
+    ef = None
+    if bool(conf.get("error-feedback", False)) and not comp.lossless:
+        res = ctx.state.array_records.get(STATE_RESIDUAL)
+        ef = ErrorFeedback(record_to_tensors(res) if res is not None else None)
+        tau = ef.compensate(tau)
+    rec = encode_delta(tau, comp, seed)
+    if ef is not None:
+        sent = decode_delta(rec, comp, {n: t.shape for n, t in tau.items()}, seed, {n: t.dtype for n, t in tau.items()})
+        ef.update(tau, sent)
+        ctx.state.array_records[STATE_RESIDUAL] = tensors_to_record(ef.state())
+    return _reply(msg, {"task": local.task, "round": int(conf["round"]), "version": _version(ctx)}, stats,
+                  {REC_TAU: rec})
+
+
+def _train_secagg(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
+    """Train under SecAgg+: the reply (legacy FitRes layout) carries ``c_i * u_i`` as float32 arrays in sorted
+    tensor-name order, weight 1 (``num_examples=1``: the workflow then returns the plain mean)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    conf = msg.content.config_records[FITINS_CONFIG]
+    local, tau, stats = _train_common(cfg, ctx, conf)
+    spec = MergeSpec.from_dict(json.loads(str(conf["merge-spec"])))
+    spec = MergeSpec(**{**spec.__dict__, "seed": int(conf["merge-round-seed"])})
+    names = sorted(local.model.backbone_tensors())
+    shapes = {n: t.shape for n, t in local.model.backbone_tensors().items()}
+    term = secagg_client_transform(spec, tau, int(conf["task-index"]), int(conf["num-tasks"]),
+                                   float(conf["secagg-coefficient"]))
+    arrays = [term[n].to(torch.float32).numpy() if n in term else np.zeros(tuple(shapes[n]), np.float32) for n in names]
+    clipped = int(sum(int((np.abs(a) > cfg.secagg_clip).sum()) for a in arrays))
+    metrics = {"task": local.task, "round": int(conf["round"]), "loss": stats["loss"], "steps": stats["steps"],
+               "train-seconds": stats["train-seconds"], "num-examples": stats["num-examples"], "secagg-clipped": clipped}
+    res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), 1, metrics)
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def _evaluate(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
+    conf = msg.content.config_records[REC_CONFIG]
+    local = _local(cfg, ctx)
+    if str(conf["task"]) != local.task:
+        raise TaskDataError(f"evaluate for task {conf['task']!r} reached the node of task {local.task!r}")
+    version, target = _version(ctx), int(conf["to-version"])
+    _load_state(local, ctx)
+    if REC_DELTA in msg.content.array_records:
+        if version != int(conf["from-version"]) or target != version + 1:
+            raise CheckpointError(f"task {local.task!r}: node holds round {version}, the delta goes from round "
+                                  f"{int(conf['from-version'])} to {target}")
+        comp = Compression(**json.loads(str(conf["downlink"])))
+        tensors = local.model.backbone_tensors()
+        delta = decode_delta(msg.content.array_records[REC_DELTA], comp, {n: t.shape for n, t in tensors.items()},
+                             int(conf["downlink-seed"]), {n: t.dtype for n, t in tensors.items()})
+        apply_delta(tensors, delta)
+        _store_backbone(local, ctx)
+        _set_version(ctx, target, local.task)
+    elif version != target:
+        raise CheckpointError(f"task {local.task!r}: node holds round {version}, evaluation is of round {target}")
+    split = str(conf.get("split", "validation"))
+    metrics = local.trainer.evaluate(split=split)
+    total = len(local.trainer.task_data[local.task][split])
+    correct = int(round(float(metrics[f"eval_{local.task}_accuracy"]) * total))
+    arrays = {REC_HEAD: tensors_to_record(_head_tensors(local))} if split == "validation" else {}
+    return _reply(msg, {"task": local.task, "version": _version(ctx), "split": split},
+                  {"correct": correct, "total": total}, arrays)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------------------------------------
+def optional_secaggplus_mod(msg: Message, ctx: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its config record); plain
+    TRAIN messages go straight through."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctx, call_next)
+    return call_next(msg, ctx)
+
+
+def make_client_app(config: FederatedATMConfig | None = None) -> ClientApp:
+    """A ClientApp running federated ATM. `config` None: read it from ``context.run_config`` (``flwr run``)."""
+    app = ClientApp()
+    cache: dict[str, FederatedATMConfig] = {}
+
+    def resolve(ctx: Context) -> FederatedATMConfig:
+        if config is not None:
+            return config
+        key = json.dumps(dict(ctx.run_config), sort_keys=True, default=str)
+        if key not in cache:
+            cache.clear()
+            cache[key] = FederatedATMConfig.from_run_config(ctx.run_config)
+        return cache[key]
+
+    @app.query()
+    def query(msg: Message, ctx: Context) -> Message:
+        return _query(resolve(ctx), msg, ctx)
+
+    @app.train(mods=[optional_secaggplus_mod])
+    def train(msg: Message, ctx: Context) -> Message:
+        return _train(resolve(ctx), msg, ctx)
+
+    @app.evaluate()
+    def evaluate(msg: Message, ctx: Context) -> Message:
+        return _evaluate(resolve(ctx), msg, ctx)
+
+    return app
+
+
+#: the ClientApp for ``flwr run`` / ``flower-supernode`` (configuration from the run config).
+app = make_client_app()

@@ -1,0 +1,123 @@
+"""The ServerApp of federated ATM: builds the model, runs :class:`~hf_atm.federated.strategy.ATMStrategy` over the
+Grid, and writes the same outputs as ``ATMTrainer`` into ``output_dir``: ``history.json``, ``accuracy.png`` /
+``cosine.png``, a Hub-ready model folder (backbone loadable by ``AutoModel``, ``heads.safetensors``,
+``multitask_config.json``, tokenizer, ``README.md`` model card, ``atm_config.json``) plus
+``federated_config.json``, and the ``checkpoint-round-*`` folders a restarted server resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from hf_atm.federated.strategy import ATMStrategy, FederatedATMConfig
+
+__all__ = ["app", "make_server_app", "run_federated", "save_final_model"]
+
+log = logging.getLogger("hf_atm.federated")
+
+
+def _card_text(strategy: ATMStrategy) -> str:
+    """ATMTrainer's model card, plus a section on the federated run."""
+    from hf_atm.atm.card import atm_model_card
+
+    view = SimpleNamespace(args=strategy.args, model=strategy.model, task_names=list(strategy.tasks),
+                           history=strategy.history, best_round=strategy.best_round,
+                           test_metrics=strategy.test_metrics)
+    card = atm_model_card(view)
+    cfg = strategy.cfg
+    last = strategy.history[-1] if strategy.history else {}
+    missing = [(h["round"], h["missing_train"]) for h in strategy.history if h.get("missing_train")]
+    down = sum(h["bytes_total"]["down"] for h in strategy.history)
+    up = sum(h["bytes_total"]["up"] for h in strategy.history)
+    lines = [
+        "",
+        "## Federated training",
+        "",
+        f"Trained with [Flower](https://flower.ai) across {len(strategy.tasks)} data silos (one task per node; "
+        "no training example left its node). Each round the nodes fine-tuned their task from the global "
+        f"backbone and the server merged the task vectors (`{strategy.args.merge_method}`, weighting "
+        f"`{cfg.weighting}`, at least {cfg.min_clients} node(s) per round).",
+        "",
+        f"- secure aggregation (SecAgg+): {'yes, the server saw only the sum of the task vectors' if cfg.secure_aggregation else 'no'}",
+        f"- compression: uplink `{cfg.uplink}`, downlink `{cfg.downlink}`",
+        f"- traffic over {last.get('round', 0)} round(s): {down / 1e6:.2f} MB down, {up / 1e6:.2f} MB up",
+        f"- rounds with missing nodes: {missing if missing else 'none'}",
+        "",
+    ]
+    return card.content.rstrip("\n") + "\n" + "\n".join(lines)
+
+
+def save_final_model(strategy: ATMStrategy, folder: str | Path | None = None) -> Path:
+    """Write the Hub-ready result of `strategy` into `folder` (default ``output_dir``): model files, history,
+    plots, model card, ``atm_config.json`` and ``federated_config.json``; written to a temporary folder and
+    moved into place (``hf_atm.atm.model.atomic_write_dir``)."""
+    from hf_atm.atm.history import plot_history, write_history
+    from hf_atm.atm.model import atomic_write_dir
+    from hf_atm.atm.trainer import _atm_args
+
+    def write(tmp: Path) -> None:
+        strategy.model.write_files(tmp, strategy.processing_class)
+        write_history(strategy.history, tmp)
+        plot_history(strategy.history, tmp)
+        (tmp / "README.md").write_text(_card_text(strategy))
+        (tmp / "atm_config.json").write_text(json.dumps(_atm_args(strategy.args), indent=2) + "\n")
+        cfg = {k: v for k, v in strategy.cfg.to_dict().items() if not k.startswith("hub_")}
+        (tmp / "federated_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        if strategy.test_metrics:
+            (tmp / "test_metrics.json").write_text(json.dumps(strategy.test_metrics, indent=2) + "\n")
+
+    return atomic_write_dir(folder or strategy.cfg.output_dir, write)
+
+
+def run_federated(grid: Grid, config: FederatedATMConfig) -> ATMStrategy:
+    """Run federated ATM over `grid` (the ServerApp's main): build the model once the nodes said which tasks
+    they hold, run or resume the rounds, save the final model (and push it when asked)."""
+    from hf_atm.atm import MultiTaskModel
+    from hf_atm.federated.client import load_processing_class
+
+    if not config.model:
+        raise ValueError("model: give the backbone to start from (a local folder or a Hub repo id)")
+    proc = load_processing_class(config.model)
+
+    def factory(tasks: dict[str, list[str]]) -> Any:
+        return MultiTaskModel.from_backbone(config.model, tasks, pooling=config.pooling, seed=config.head_seed)
+
+    strategy = ATMStrategy(config, factory, processing_class=proc)
+    strategy.run(grid)
+    save_final_model(strategy)
+    if config.push_to_hub:
+        import tempfile
+
+        from hf_atm.hub.push import push_folder
+
+        repo_id = config.hub_model_id or Path(config.output_dir).absolute().name
+        with tempfile.TemporaryDirectory(prefix="hf_atm_push_") as tmp:
+            folder = save_final_model(strategy, Path(tmp) / "model")
+            push_folder(folder, repo_id, private=bool(config.hub_private_repo), commit_message="federated ATM")
+    return strategy
+
+
+def make_server_app(config: FederatedATMConfig | None = None) -> ServerApp:
+    """A ServerApp running federated ATM. `config` None: read it from ``context.run_config`` (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config if config is not None else FederatedATMConfig.from_run_config(context.run_config)
+        strategy = run_federated(grid, cfg)
+        last = strategy.history[-1]
+        log.info("federated ATM finished: round %d, mean accuracy %.4f, output in %s", last["round"],
+                 last["mean_accuracy"], cfg.output_dir)
+
+    return app
+
+
+#: the ServerApp for ``flwr run`` (configuration from the run config).
+app = make_server_app()

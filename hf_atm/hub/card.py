@@ -1,0 +1,125 @@
+"""Model cards for merged models, built with ``huggingface_hub.ModelCard`` / ``ModelCardData``.
+
+The metadata follows the Hub's conventions for merges: ``base_model`` lists the Hub repos the merge was
+made from (the merged models, then the base), ``base_model_relation: merge``, ``tags: [merge, hf_atm,
+<method>]`` and ``library_name: transformers``. Only Hub repo ids go into ``base_model`` (a local folder is
+no repo; it is named in the card's text instead), and no token or URL credential ever reaches the card.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from hf_atm.hub.resolve import is_local_reference, split_revision
+
+__all__ = ["hub_repo_id", "merge_model_card"]
+
+_SECRET = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
+
+
+def _redact(text: str) -> str:
+    return _SECRET.sub("***", text)
+
+
+def hub_repo_id(ref: str, resolved: str | Path | None = None) -> str | None:
+    """The Hub repo id behind a model reference, or None for a plain local folder.
+
+    ``"org/name@rev"`` -> ``"org/name"``; a local path that is a Hugging Face cache snapshot
+    (``.../models--org--name/snapshots/<commit>``) -> ``"org/name"``; any other local folder -> None.
+    `resolved` is the folder the reference resolved to, used to recognise cache snapshots.
+    """
+    for candidate in (resolved, ref if is_local_reference(ref) else None):
+        if candidate is None:
+            continue
+        p = Path(candidate)
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+            return p.parent.parent.name[len("models--"):].replace("--", "/")
+    if is_local_reference(ref):
+        return None
+    repo_id, _ = split_revision(str(ref))
+    return repo_id if _REPO_ID.match(repo_id) else None
+
+
+def merge_model_card(
+    *,
+    base: str,
+    models: Sequence[str],
+    method: str,
+    options: Mapping[str, object],
+    config_yaml: str,
+    resolved: Mapping[str, str | Path] | None = None,
+    revisions: Mapping[str, str] | None = None,
+    library_name: str = "transformers",
+    version: str | None = None,
+) -> ModelCard:
+    """The README.md model card of a merge.
+
+    `base` / `models` are the references as the user wrote them, `resolved` maps a reference to its local
+    folder (to recognise Hub cache snapshots), `revisions` to the Hub commit that was read. `options` are the
+    method's options (``MergeSpec.to_dict()``), `config_yaml` the text of ``merge_config.yaml``. The returned
+    card's metadata has been round-tripped through ``ModelCardData`` (it parses back identically).
+    """
+    resolved = dict(resolved or {})
+    revisions = dict(revisions or {})
+    repo_ids: list[str] = []
+    for ref in [*models, base]:
+        rid = hub_repo_id(ref, resolved.get(ref))
+        if rid is not None and rid not in repo_ids:
+            repo_ids.append(rid)
+    data = ModelCardData(
+        base_model=repo_ids or None,
+        library_name=library_name,
+        tags=["merge", "hf_atm", method],
+    )
+    if repo_ids:  # the relation is only meaningful with the repos it relates to
+        data["base_model_relation"] = "merge"
+
+    def describe(ref: str) -> str:
+        rid = hub_repo_id(ref, resolved.get(ref))
+        if rid is None:
+            return f"local folder `{Path(ref).name or ref}`"
+        rev = revisions.get(ref) or split_revision(str(ref))[1]
+        link = f"[{rid}](https://huggingface.co/{rid})"
+        return f"{link} (revision `{rev}`)" if rev else link
+
+    opts = ", ".join(f"`{k}={v}`" for k, v in options.items() if k != "method") or "defaults"
+    lines = [
+        f"# Merge of {len(models)} model{'s' if len(models) != 1 else ''} with `{method}`",
+        "",
+        f"This model was made with hf_atm {version or ''}".rstrip()
+        + f" by merging the models below into the base with **{method}** ({opts}).",
+        "Every tensor was merged independently: `tau_i = M_i - base`, "
+        "`result = base + scale * combine(tau_1..tau_n)` (`average`: the weighted mean of the models); "
+        "non-floating tensors come from the base.",
+        "",
+        f"- base: {describe(base)}",
+        *[f"- model {i + 1}: {describe(m)}" for i, m in enumerate(models)],
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "hf-atm merge --config merge_config.yaml --output merged",
+        "```",
+        "",
+        "`merge_config.yaml` (in this repository):",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModel",
+        'model = AutoModel.from_pretrained("path/or/repo-of-this-model")',
+        "```",
+        "",
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    card = ModelCard(_redact(content))  # parses the metadata back: ModelCardData validation runs here
+    return card

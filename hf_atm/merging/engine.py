@@ -1,0 +1,395 @@
+"""The streaming merge: checkpoints are read, merged and written tensor by tensor.
+
+:func:`merge_checkpoints` (what ``hf-atm merge`` runs):
+
+1. checks the output folder (non-empty without ``overwrite`` is refused before any work), resolves the base
+   and the models (local folders or Hub ids), opens every weights file once and compares the headers: the
+   same tensor names, shapes, and floating / non-floating dtypes everywhere, else CheckpointError naming the
+   tensor and both files;
+2. plans the output (names in the base's storage order, dtypes, shards) and writes into a temporary folder
+   beside the output (``.<name>.tmp-<hex>``), streaming each merged tensor straight into its shard;
+3. copies the base's config and tokenizer / processor files, writes ``merge_config.yaml`` and README.md;
+4. renames the temporary folder into place (with ``overwrite``, the old folder goes only now). On any error
+   the temporary folder is removed and the old output, if any, is untouched.
+
+Memory stays bounded by the tensors in flight: inputs are zero-copy views of the files' memory maps whose
+pages are released after use, outputs go straight to disk, and for the element-wise methods (``average``,
+``task_arithmetic``) large tensors are processed in slices of ``chunk_elements`` (bit-identical to the
+whole-tensor result: every operation is element-wise). Methods that look at a whole tensor (TIES' top-k,
+DARE's seeded masks, SVD methods) get whole tensors. Computation is float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import secrets
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_atm.errors import CheckpointError, MergeConfigError, OutputExistsError
+from hf_atm.hub.resolve import is_local_reference, resolve_model, split_revision
+from hf_atm.merging.config import MergeConfig
+from hf_atm.merging.io import CheckpointReader, ShardedWriter, TensorInfo, iter_chunks
+from hf_atm.merging.spec import MergeSpec, merge_tensor
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "COPY_PATTERNS",
+    "ELEMENTWISE_METHODS",
+    "MergeResult",
+    "merge_checkpoints",
+    "merge_state_dicts_in_memory",
+    "run_merge",
+]
+
+#: Methods whose per-tensor result is element-wise in the inputs, so large tensors can be merged in slices.
+ELEMENTWISE_METHODS: frozenset[str] = frozenset({"average", "task_arithmetic"})
+#: Slice size (elements) for element-wise methods: 1M float32 = 4 MB per input, cache-friendly.
+CHUNK_ELEMENTS = 1 << 20
+#: Files copied from the base into the output (top level only); the config is rewritten when --dtype is set.
+COPY_PATTERNS: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor*",
+    "feature_extractor*",
+    "video_preprocessor_config.json",
+    "chat_template*",
+)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced: the output folder, tensor and shard counts, bytes of weights and wall seconds."""
+
+    output: Path
+    num_tensors: int
+    num_shards: int
+    total_bytes: int
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------- per tensor
+def _merge_one(spec: MergeSpec, base: torch.Tensor, models: Sequence[torch.Tensor], name: str,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """merge_tensor(...) for a floating tensor, returned in `out_dtype`.
+
+    A half-precision base is handed over in float32: merge_tensor computes in float32 anyway (so the values are
+    identical) and returns float32, which is cast once, here, to `out_dtype` (no rounding to the base's dtype
+    on the way to another one).
+    """
+    if base.dtype in (torch.float16, torch.bfloat16):
+        base = base.float()
+    out = merge_tensor(spec, base, models, name)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True when `t` has no NaN / Inf: one ``aminmax`` pass (min / max propagate NaN; an Inf is an extreme).
+
+    Exact, allocation-free, and fast in every float dtype (a float32-accumulated sum of float16 is ~8x slower).
+    """
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _nonfinite_error(name: str, tensor: torch.Tensor, file: Path) -> CheckpointError:
+    kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+    return CheckpointError(f"tensor {name!r} in {file} contains {kind} values; refusing to merge non-finite weights")
+
+
+def merge_state_dicts_in_memory(
+    spec: MergeSpec,
+    base_sd: Mapping[str, torch.Tensor],
+    model_sds: Sequence[Mapping[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The reference merge of whole state dicts: what :func:`merge_checkpoints` writes, tensor for tensor.
+
+    For every name of `base_sd` (in its order): non-floating tensors are copied from the base; floating ones
+    are ``merge_tensor(spec, base, models, name)``, or, when `dtype` differs from the base's, the float32 (float64)
+    merge cast once to `dtype`. Raises CheckpointError when a model lacks a tensor.
+    """
+    spec.validate(len(model_sds))
+    out: dict[str, torch.Tensor] = {}
+    for name, b in base_sd.items():
+        if not b.is_floating_point():
+            out[name] = b.clone()
+            continue
+        try:
+            ms = [sd[name] for sd in model_sds]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is missing from a model state dict") from None
+        if dtype is None or dtype == b.dtype:
+            out[name] = merge_tensor(spec, b, ms, name)  # the plain definition, independent of the engine's path
+        else:
+            out[name] = _merge_one(spec, b, ms, name, dtype)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- checks
+def _weights_file(reader: CheckpointReader) -> str:
+    """The file that names a checkpoint's tensors: its index, or its single weights file."""
+    if len(reader.files) == 1:
+        return str(reader.files[0])
+    index = "model.safetensors.index.json" if reader.format == "safetensors" else "pytorch_model.bin.index.json"
+    return str(reader.folder / index)
+
+
+def _preflight(base: CheckpointReader, models: Sequence[CheckpointReader]) -> None:
+    """Every model has exactly the base's tensor names, the same shapes, and floating dtypes where the base does."""
+    for r in models:
+        for name in base.names:
+            if name not in r:
+                raise CheckpointError(
+                    f"tensor {name!r} is in the base ({base.info(name).file}) but missing from model "
+                    f"{r.label} ({_weights_file(r)})"
+                )
+        if len(r) != len(base):
+            extra = next(n for n in r.names if n not in base)
+            raise CheckpointError(
+                f"tensor {extra!r} is in model {r.label} ({r.info(extra).file}) but not in the base "
+                f"({_weights_file(base)})"
+            )
+        for name in base.names:
+            b, m = base.info(name), r.info(name)
+            if b.shape != m.shape:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {b.shape} in {b.file} but {m.shape} in {m.file}"
+                )
+            if b.dtype.is_floating_point != m.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"tensor {name!r} is {b.dtype} in {b.file} but {m.dtype} in {m.file}: a tensor must be "
+                    "floating in every checkpoint or in none"
+                )
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-folder, or a non-empty folder without `overwrite` (OutputExistsError)."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise OutputExistsError(f"output {out} exists and is not a folder")
+        if not overwrite and any(out.iterdir()):
+            raise OutputExistsError(
+                f"output folder {out} exists and is not empty; pass --overwrite to replace it "
+                "(the old folder is replaced only once the new merge is complete)"
+            )
+
+
+def _check_output_vs_inputs(out: Path, inputs: Mapping[str, Path]) -> None:
+    """The output may be neither an input folder nor one of its parents (overwriting would destroy it)."""
+    target = out.resolve()
+    for ref, path in inputs.items():
+        p = path.resolve()
+        if p == target or target in p.parents:
+            raise MergeConfigError(f"output: {out} is or contains the input {ref!r} ({p}); choose another folder")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _resolve(ref: str, config: MergeConfig) -> tuple[Path, str | None]:
+    """(local folder, Hub commit or None) for a reference; ``config.revisions`` pins unpinned Hub ids."""
+    pinned = ref
+    if ref in config.revisions and "@" not in ref and not is_local_reference(ref):
+        pinned = f"{ref}@{config.revisions[ref]}"
+    path = resolve_model(pinned, allow_pickle=config.allow_pickle)
+    if is_local_reference(ref):
+        return path, None
+    if path.parent.name == "snapshots":
+        return path, path.name
+    return path, split_revision(pinned)[1]
+
+
+def _copy_base_files(base: Path, dest: Path, dtype: str | None) -> list[str]:
+    """Copy the base's config / tokenizer / processor files; with `dtype`, record it in config.json."""
+    copied = []
+    for src in sorted(base.iterdir()):
+        if not src.is_file() or not any(fnmatch.fnmatch(src.name, pat) for pat in COPY_PATTERNS):
+            continue
+        if src.name == "config.json" and dtype is not None:
+            try:
+                cfg = json.loads(src.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise CheckpointError(f"corrupt config {src}: {e}") from e
+            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+            for k in keys:
+                cfg[k] = dtype
+            (dest / src.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, dest / src.name)
+        copied.append(src.name)
+    return copied
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` folder to `out`; an existing `out` is replaced only after `tmp` is in place."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _stream(
+    spec: MergeSpec,
+    base: CheckpointReader,
+    models: Sequence[CheckpointReader],
+    out_dtypes: Mapping[str, torch.dtype],
+    writer: ShardedWriter,
+    progress: bool,
+    chunk_elements: int,
+) -> None:
+    """Merge every tensor of the base (in its storage order) into `writer`, releasing inputs as it goes."""
+    elementwise = spec.method in ELEMENTWISE_METHODS
+    readers = [base, *models]
+    bar = tqdm(total=len(base.names), unit="tensor", desc="merging", disable=not progress, dynamic_ncols=True)
+    try:
+        for name in base.names:
+            b = base.get(name)
+            if not b.is_floating_point():
+                writer.write(name, b)  # non-floating tensors (position ids...) are the base's
+                base.release(b)
+                bar.update()
+                continue
+            inputs = [b, *(r.get(name) for r in models)]
+            infos = [r.info(name) for r in readers]
+            if not elementwise:
+                for t, info in zip(inputs, infos):
+                    if not _all_finite(t):
+                        raise _nonfinite_error(name, t, info.file)
+            numel = b.numel()
+            step = chunk_elements if elementwise and numel > chunk_elements else max(numel, 1)
+            flat = [t.reshape(-1) for t in inputs] if step < numel else inputs
+            for start, stop in iter_chunks(numel, step) if numel else [(0, 0)]:
+                part = [t[start:stop] for t in flat] if step < numel else flat
+                if spec.method == "average" and not _all_finite(part[0]):  # average's result ignores the base
+                    raise _nonfinite_error(name, part[0], infos[0].file)
+                merged = _merge_one(spec, part[0], part[1:], name, out_dtypes[name])
+                if elementwise and not _all_finite(merged):
+                    # Linear methods propagate any NaN / Inf of an input, so checking the result suffices;
+                    # when the result alone overflowed (finite inputs) it is written as is, with a warning.
+                    _raise_if_inputs_nonfinite(name, part, infos)
+                    warnings.warn(f"tensor {name!r}: the merged values overflow {out_dtypes[name]}", stacklevel=2)
+                writer.write(name, merged)
+                del merged
+                for r, t in zip(readers, part):
+                    r.release(t)
+            bar.update()
+    finally:
+        bar.close()
+
+
+def _raise_if_inputs_nonfinite(name: str, tensors: Sequence[torch.Tensor], infos: Sequence[TensorInfo]) -> None:
+    for t, info in zip(tensors, infos):
+        if not _all_finite(t):
+            raise _nonfinite_error(name, t, info.file)
+
+
+# ------------------------------------------------------------------------------------------------ the merge
+def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> MergeResult:
+    """Run the merge described by `config` (see the module docstring) and report what it wrote.
+
+    Raises MergeConfigError / CheckpointError / OutputExistsError / HubError naming what is at fault; on
+    any error nothing is left at ``config.output`` that was not there before.
+    """
+    from hf_atm import __version__
+    from hf_atm.hub.card import merge_model_card
+
+    t0 = time.perf_counter()
+    config.validate()
+    if chunk_elements < 1:
+        raise MergeConfigError(f"chunk_elements must be positive, got {chunk_elements}")
+    out = Path(config.output).expanduser()
+    _check_output(out, config.overwrite)
+
+    base_path, base_rev = _resolve(config.base, config)
+    resolved: dict[str, Path] = {config.base: base_path}
+    revisions: dict[str, str] = {config.base: base_rev} if base_rev else {}
+    model_paths = []
+    for ref in config.models:
+        path, rev = _resolve(ref, config)
+        model_paths.append(path)
+        resolved[ref] = path
+        if rev:
+            revisions[ref] = rev
+    _check_output_vs_inputs(out, resolved)
+    if not (base_path / "config.json").is_file():
+        raise CheckpointError(f"base {config.base}: {base_path / 'config.json'} is missing (the output needs it)")
+
+    with ExitStack() as stack:
+        base = stack.enter_context(CheckpointReader(base_path, allow_pickle=config.allow_pickle, label=config.base))
+        models = [
+            stack.enter_context(CheckpointReader(p, allow_pickle=config.allow_pickle, label=ref))
+            for ref, p in zip(config.models, model_paths)
+        ]
+        _preflight(base, models)
+        cast = config.torch_dtype
+        out_dtypes = {}
+        for name in base.names:
+            dt = base.info(name).dtype
+            out_dtypes[name] = cast if cast is not None and dt.is_floating_point else dt
+        plan = [(n, out_dtypes[n], base.info(n).shape) for n in base.names]
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        writer = ShardedWriter(tmp, plan, config.max_shard_bytes)
+        try:
+            _stream(config.spec, base, models, out_dtypes, writer, config.progress, chunk_elements)
+            files = writer.finish()
+            _copy_base_files(base_path, tmp, config.dtype)
+            record = replace(config, revisions={**config.revisions, **revisions})
+            yaml_text = record.to_yaml(version=__version__)
+            (tmp / "merge_config.yaml").write_text(yaml_text, encoding="utf-8")
+            card = merge_model_card(
+                base=config.base,
+                models=config.models,
+                method=config.spec.method,
+                options=config.spec.to_dict(),
+                config_yaml=yaml_text,
+                resolved={k: str(v) for k, v in resolved.items()},
+                revisions=record.revisions,
+                version=__version__,
+            )
+            card.save(tmp / "README.md")
+            _commit(tmp, out)
+        except BaseException:
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return MergeResult(out, len(plan), len(files), writer.total_size, time.perf_counter() - t0)
+
+
+def merge_checkpoints(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> Path:
+    """Merge the checkpoints described by `config`; return the output folder (see :func:`run_merge`)."""
+    return run_merge(config, chunk_elements=chunk_elements).output
