@@ -8,6 +8,7 @@ in a different thread split differ in the last bits (which Adam then amplifies).
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -385,3 +386,31 @@ def test_compressed_traffic_keeps_nodes_in_sync(base_dir, tmp_path):
     for ctx in grid.contexts.values():
         node = record_to_tensors(ctx.state.array_records[REC_BACKBONE])
         assert all(torch.equal(node[n], server[n].detach()) for n in server)
+
+
+def test_a_node_past_the_timeout_is_missing(base_dir, tmp_path):
+    """A node that hangs past round_timeout in the train step is missing from that round's merge; its late
+    reply is dropped and it trains again in the next round."""
+    cfg = fed_config(base_dir, tmp_path / "hang", rounds=2, fail_task="high", fail_round=1, fail_mode="hang",
+                     fail_seconds=6.0, round_timeout=5.0)
+    strategy, _ = run_grid(cfg)
+    h = strategy.history
+    assert h[1]["missing_train"] == ["high"] and h[1]["merged_tasks"] == ["digit", "parity"]
+    assert h[2]["missing_train"] == [] and h[2]["missing_eval"] == []
+
+
+def test_error_reasons_are_one_line():
+    from hf_atm.federated.strategy import short_reason
+
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
+           "  File x\nException ClientAppException occurred. Message: injected fault: task 'a' (round 2)'>")
+    assert short_reason(ray) == "injected fault: task 'a' (round 2)"
+    assert short_reason('Error(code=2, reason="RuntimeError: boom")') == "RuntimeError: boom"
+
+
+@pytest.mark.skipif(not os.environ.get("HF_ATM_SLOW_TESTS"), reason="set HF_ATM_SLOW_TESTS=1 (a second Ray run, ~30 s)")
+def test_flower_simulation_engine_secure_aggregation_with_a_dropout(base_dir, tmp_path):
+    cfg = fed_config(base_dir, tmp_path / "simsec", secure_aggregation=True, fail_task="parity", fail_round=2)
+    history = run_flower_simulation(cfg, backend_config={"init_args": {"num_cpus": 1}})
+    assert history[1]["merged_tasks"] == list(TASKS)
+    assert history[2]["missing_train"] == ["parity"] and "injected fault" in history[2]["errors"]["secagg"]

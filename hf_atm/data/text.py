@@ -117,6 +117,7 @@ _OVERSTRIKE = re.compile(r".\x08")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _ATTRIBUTION = re.compile(r"^\s*--+\s*\S")
 _CYRILLIC = re.compile(r"[\u0400-\u052f]")
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 def _normalize(text: str) -> str:
@@ -197,7 +198,7 @@ def read_fortunes(path: Path) -> list[str]:
 
 def _script_ok(text: str, language: str) -> bool:
     """Whether most letters of `text` are Cyrillic (ru) or Latin (the others): drops stray items."""
-    letters = sum(ch.isalpha() for ch in text)
+    letters = len(_LETTER.findall(text))
     if letters < 10:
         return False
     cyr = len(_CYRILLIC.findall(text)) / letters
@@ -222,68 +223,70 @@ def _dedupe(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def _make_task(
-    name: str,
-    pairs: Sequence[tuple[str, str]],
-    label_names: Sequence[str],
-    *,
-    seed: int,
-    max_train: int | None,
-    max_test: int | None,
-    description: str,
-):
-    """Dedupe, keep the labels in `label_names`, hash-split off the test fraction, then build the splits."""
+@functools.lru_cache(maxsize=8)
+def _task_examples(name: str, root: str) -> tuple[tuple[str, ...], np.ndarray, tuple[str, ...], np.ndarray, np.ndarray]:
+    """``(pool texts, pool labels, test texts, test labels, test order)`` of text task `name` under `root`.
+
+    Deduped, restricted to the task's labels, test = the texts whose hash falls in the fixed 20%; the test
+    order (for capping) is by hash, so it is the same on every machine and for every seed. Cached per
+    (task, data root): loading a suite again (another seed, other caps) does not read the files again.
+    """
+    reader, label_names, _ = _TASKS[name]
+    index = {n: i for i, n in enumerate(label_names)}
+    kept = [(t, index[lab]) for t, lab in _dedupe(reader()) if lab in index]
+    if not kept:
+        raise TaskDataError(f"text task {name!r}: no examples found under {root}")
+    texts = [t for t, _ in kept]
+    labels = np.array([y for _, y in kept], dtype=np.int64)
+    hashes = np.array([stable_hash(t.lower()) for t in texts], dtype=np.uint64)
+    is_test = (hashes % np.uint64(1000)) < np.uint64(int(TEST_FRACTION * 1000))
+    pool_texts = tuple(t for t, te in zip(texts, is_test) if not te)
+    test_texts = tuple(t for t, te in zip(texts, is_test) if te)
+    test_order = np.argsort(hashes[is_test], kind="stable")
+    for arr in (labels, test_order):
+        arr.flags.writeable = False
+    return pool_texts, labels[~is_test], test_texts, labels[is_test], test_order
+
+
+def _make_task(name: str, *, seed: int, max_train: int | None, max_test: int | None):
+    """Text task `name`'s DatasetDict: its cached examples split by :func:`hf_atm.data.splits.build_task`."""
     import datasets
 
-    index = {n: i for i, n in enumerate(label_names)}
-    kept = [(t, index[lab]) for t, lab in _dedupe(pairs) if lab in index]
-    if not kept:
-        raise TaskDataError(f"text task {name!r}: no examples found")
-    hashes = np.array([stable_hash(t.lower()) for t, _ in kept], dtype=np.uint64)
-    is_test = (hashes % np.uint64(1000)) < np.uint64(int(TEST_FRACTION * 1000))
-    pool = {"text": [t for (t, _), te in zip(kept, is_test) if not te],
-            "label": [y for (_, y), te in zip(kept, is_test) if not te]}  # fmt: skip
-    test = {"text": [t for (t, _), te in zip(kept, is_test) if te],
-            "label": [y for (_, y), te in zip(kept, is_test) if te]}  # fmt: skip
-    # Test capping order: by hash, so it is the same on every machine and for every seed.
-    test_order = np.argsort(hashes[is_test], kind="stable")
+    _, label_names, description = _TASKS[name]
+    pool_texts, pool_labels, test_texts, test_labels, test_order = _task_examples(name, str(debian_root()))
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(label_names))}
     )
     return build_task(
-        name, pool, test, features, seed=seed, max_train=max_train, max_test=max_test,
-        test_order=test_order, description=description,
+        name, {"text": pool_texts, "label": pool_labels}, {"text": test_texts, "label": test_labels},
+        features, seed=seed, max_train=max_train, max_test=max_test, test_order=test_order,
+        description=description,
     )  # fmt: skip
 
 
-# The readers are cached per data root (read-only tuples): loading a suite twice reads the files once.
-@functools.lru_cache(maxsize=4)
-def _noun_pairs(root: str) -> tuple[tuple[str, str], ...]:
-    return tuple(read_wordnet_glosses("noun"))
+def _noun_pairs() -> list[tuple[str, str]]:
+    return read_wordnet_glosses("noun")
 
 
-@functools.lru_cache(maxsize=4)
-def _verb_pairs(root: str) -> tuple[tuple[str, str], ...]:
-    return tuple(read_wordnet_glosses("verb"))
+def _verb_pairs() -> list[tuple[str, str]]:
+    return read_wordnet_glosses("verb")
 
 
-@functools.lru_cache(maxsize=4)
-def _topic_pairs(root: str) -> tuple[tuple[str, str], ...]:
+def _topic_pairs() -> list[tuple[str, str]]:
     folder = _fortunes_dir()
     pairs = []
     for topic in FORTUNE_TOPICS:
         path = require_path(folder / topic, "fortunes")
         pairs += [(t, topic) for t in read_fortunes(path)]
-    return tuple(pairs)
+    return pairs
 
 
-@functools.lru_cache(maxsize=4)
-def _language_pairs(root: str) -> tuple[tuple[str, str], ...]:
+def _language_pairs() -> list[tuple[str, str]]:
     pairs = []
     for lang, (sub, package) in FORTUNE_LANGUAGES.items():
         for path in _fortune_files(_fortunes_dir(package, sub)):
             pairs += [(t, lang) for t in read_fortunes(path) if _script_ok(t, lang)]
-    return tuple(pairs)
+    return pairs
 
 
 _TASKS = {
@@ -318,9 +321,5 @@ def load_text_suite(
         raise TaskDataError(f"unknown text task(s) {unknown or names}: choose from {', '.join(TEXT_TASKS)}")
     suite = {}
     for name in names:
-        reader, labels, description = _TASKS[name]
-        suite[name] = _make_task(
-            name, reader(str(debian_root())), labels, seed=seed, max_train=max_train_per_task, max_test=max_test_per_task,
-            description=description,
-        )  # fmt: skip
+        suite[name] = _make_task(name, seed=seed, max_train=max_train_per_task, max_test=max_test_per_task)
     return suite

@@ -200,7 +200,8 @@ class FederatedATMConfig:
             self.tasks = [str(t) for t in self.tasks]
             if not self.tasks or len(set(self.tasks)) != len(self.tasks):
                 raise TaskDataError(f"tasks must be distinct task names, got {self.tasks}")
-        up, down = self.uplink_compression, self.downlink_compression  # validate
+        up = self.uplink_compression
+        self.downlink_compression  # noqa: B018 - validates the downlink spec
         if self.weighting == "examples" and self.train_args.get("merge_weights") is not None:
             raise MergeConfigError("weighting='examples' and merge_weights are exclusive: choose one")
         if self.train_args.get("reset_optimizer_each_round") is False:
@@ -219,7 +220,6 @@ class FederatedATMConfig:
                                        "(masked vectors are dense integers); leave uplink='none'")
             if int(self.secagg_quantization_range) * 2 > 2**32:
                 raise ValueError("secagg_quantization_range must be <= 2**31")
-        del down
 
     # -- derived
     @property
