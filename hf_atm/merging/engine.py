@@ -348,8 +348,11 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
 
     with ExitStack() as stack:
         base = stack.enter_context(CheckpointReader(base_path, allow_pickle=config.allow_pickle, label=config.base))
+        # A model may be a peft LoRA adapter folder: it is then read as "base + adapter delta".
+        from hf_atm.lora.source import open_model_source
+
         models = [
-            stack.enter_context(CheckpointReader(p, allow_pickle=config.allow_pickle, label=ref))
+            stack.enter_context(open_model_source(p, base, allow_pickle=config.allow_pickle, label=ref))
             for ref, p in zip(config.models, model_paths)
         ]
         _preflight(base, models)
