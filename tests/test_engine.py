@@ -232,3 +232,19 @@ def test_bert_base_sized_sharded_fixture(tmp_path):
     }
     ref = merge_state_dicts_in_memory(spec, load_checkpoint(base), [load_checkpoint(m) for m in models])
     _assert_bit_equal(load_checkpoint(result.output), ref)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+def test_sliced_whole_tensor_methods_stream_bit_for_bit_with_ties(tmp_path, method):
+    """float16 checkpoints on a coarse grid (magnitudes tie at every cut), merged in 7-element slices."""
+    g = torch.Generator().manual_seed(60)
+    base_sd = {"w": (torch.randint(-8, 9, (40, 9), generator=g).float() / 8).half(), "b": torch.zeros(9).half()}
+    base = save_raw_checkpoint(tmp_path / "base", base_sd)
+    models, model_sds = [], []
+    for i in range(3):
+        sd = {k: v + (torch.randint(-4, 5, v.shape, generator=g).float() / 4).half() for k, v in base_sd.items()}
+        models.append(save_raw_checkpoint(tmp_path / f"m{i}", sd))
+        model_sds.append(sd)
+    spec = SPECS[method]
+    out = merge_checkpoints(_config(base, models, tmp_path / "out", spec), chunk_elements=7)
+    _assert_bit_equal(load_checkpoint(out), merge_state_dicts_in_memory(spec, base_sd, model_sds))

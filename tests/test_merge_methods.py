@@ -324,3 +324,113 @@ def test_bad_inputs_raise_named_errors():
         M.ties([torch.zeros(3)], majority_sign_method="mode")
     with pytest.raises(MergeConfigError, match="sum to 0"):
         M.average([torch.zeros(3), torch.zeros(3)], [1.0, -1.0])
+
+
+# ------------------------------------------------------------------------ exact cuts, tie rule, slicing
+def _coarse(shape, n, seed, dtype=torch.float16):
+    """Task vectors on a coarse grid (multiples of 1/4 in [-2, 2]): many magnitudes tie at every cut."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(-8, 9, shape, generator=g).float() / 4).to(dtype) for _ in range(n)]
+
+
+def _first_k(mag, k):
+    """Reference selection: the first k entries in the order (|x| descending, index ascending)."""
+    order = torch.sort(mag.reshape(-1), descending=True, stable=True).indices
+    keep = torch.zeros(mag.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.view(mag.shape)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.99])
+def test_magnitude_trim_tie_rule_keeps_earliest_equal_entries(density):
+    tau = _coarse((23, 17), 1, seed=30, dtype=torch.float32)[0]
+    keep = _first_k(tau.abs(), int(density * tau.numel()))
+    out = M.magnitude_trim(tau, density)
+    assert int((out != 0).sum()) == int((keep & (tau != 0)).sum())
+    assert torch.equal(out, torch.where(keep, tau, torch.zeros(())))
+
+
+def test_magnitude_cut_edges():
+    mag = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, 0.0])
+    assert M.magnitude_cut(mag, 0) == M.MagnitudeCut(math.inf, 0)
+    assert M.magnitude_cut(mag, 6).keeps_all and M.magnitude_cut(mag, 9).keeps_all
+    assert M.magnitude_cut(mag, 3) == M.MagnitudeCut(2.0, 2)  # 3.0, then the first two 2.0s
+    cursor = M.CutCursor(M.magnitude_cut(mag, 3))
+    assert cursor.mask(mag[:3], 0).tolist() == [True, False, True]
+    with pytest.raises(RuntimeError, match="in order"):
+        cursor.mask(mag[4:], 4)
+    assert cursor.mask(mag[3:], 3).tolist() == [True, False, False]
+
+
+def _plan(method, taus, weights):
+    mag = lambda i: taus[i].float().abs()  # noqa: E731
+    n, numel = len(taus), taus[0].numel()
+    if method == "ties":
+        return M.ties_plan(mag, n, numel, weights, 0.3, "total")
+    if method == "ties_frequency":
+        return M.ties_plan(mag, n, numel, weights, 0.3, "frequency")
+    if method == "dare_ties":
+        gens = [torch.Generator().manual_seed(40 + i) for i in range(n)]
+        return M.dare_ties_plan(taus[0].shape, n, weights, 0.6, "total", gens)
+    return M.breadcrumbs_plan(mag, n, numel, weights, 0.6, 0.15)
+
+
+def _whole(method, taus, weights):
+    if method.startswith("ties"):
+        msm = "frequency" if method == "ties_frequency" else "total"
+        return M.ties(taus, weights, 0.3, msm)
+    if method == "dare_ties":
+        gens = [torch.Generator().manual_seed(40 + i) for i in range(len(taus))]
+        return M.dare_ties(taus, weights, 0.6, "total", gens)
+    return M.breadcrumbs(taus, weights, 0.6, 0.15)
+
+
+@pytest.mark.parametrize("method", ["ties", "ties_frequency", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize("slice_size", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("weights", [None, [0.5, 2.0, -1.0]])
+def test_sliced_combine_equals_whole_tensor_with_ties_at_the_cut(method, slice_size, weights):
+    taus = _coarse((31, 19), 3, seed=31)
+    whole = _whole(method, taus, weights)
+    plan = _plan(method, taus, weights)
+    flat = [t.reshape(-1).float() for t in taus]
+    parts = [plan.combine([f[s : s + slice_size] for f in flat], s) for s in range(0, flat[0].numel(), slice_size)]
+    got = torch.cat(parts).view(whole.shape)
+    assert torch.equal(got.view(torch.int32), whole.view(torch.int32))  # bit for bit, signed zeros included
+    # a plan is one pass over the tensor: a fresh one for run()
+    assert torch.equal(_plan(method, taus, weights).run(taus, torch.float32, slice_elements=slice_size), whole)
+
+
+def test_ties_and_breadcrumbs_follow_the_tie_rule_on_coarse_values():
+    taus = [t.float() for t in _coarse((20, 15), 3, seed=32)]
+    k = int(0.3 * 300)
+    trimmed = [torch.where(_first_k(t.abs(), k), t, torch.zeros(())) for t in taus]
+    assert_close(M.ties(taus, None, 0.3), _peft(peft_mu.ties, trimmed, None, 1.0, "total"), rtol=0, atol=0)
+    k_top, k_keep = int(0.15 * 300), int(0.6 * 300)
+    band = _first_k(taus[0].abs(), k_top + k_keep) & ~_first_k(taus[0].abs(), k_top)
+    assert int(band.sum()) == k_keep
+    assert torch.equal(M.breadcrumbs_mask(taus[0], 0.6, 0.15), band)
+
+
+def test_ties_on_a_large_tensor_matches_peft():
+    """More than one internal slice (SLICE_ELEMENTS), continuous data: peft's topk selection exactly."""
+    taus = _taus((M.SLICE_ELEMENTS // 512 + 3, 512), 3, seed=33)
+    assert_close(M.ties(taus, [1.0, 0.5, 2.0], 0.2), _peft(peft_mu.ties, taus, [1.0, 0.5, 2.0], 0.2, "total"))
+
+
+@pytest.mark.parametrize("data", ["randn", "coarse", "zeros", "tiny", "adversarial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bracketed_kth_largest_is_exact_on_large_tensors(data, dtype):
+    n = M.SLICE_ELEMENTS + 4099  # above the bracketing path's size limit
+    g = torch.Generator().manual_seed(34)
+    x = {
+        "randn": lambda: torch.randn(n, generator=g),
+        "coarse": lambda: torch.randint(-8, 9, (n,), generator=g).float() / 4,
+        "zeros": lambda: torch.zeros(n),
+        "tiny": lambda: torch.randn(n, generator=g) * 1e-40,  # subnormals
+        # every sampled entry is 0: the bracket misses and the whole-tensor fallback answers
+        "adversarial": lambda: torch.randn(n, generator=g).index_fill_(0, torch.arange(0, n, 64), 0.0),
+    }[data]().abs().to(dtype)
+    for k in [1, 3, n // 5, n // 2, n - 1]:
+        assert M._kth_largest(x, k) == float(torch.kthvalue(x, n - k + 1).values), k
+    cut = M.magnitude_cut(x, n // 5)
+    assert int((x > cut.threshold).sum()) + cut.ties == n // 5

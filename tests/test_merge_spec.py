@@ -258,3 +258,22 @@ def test_per_task_transform_checks_index_and_count():
         per_task_transform(MergeSpec(), torch.zeros(3), 2, NAME, num_models=2)
     with pytest.raises(MergeConfigError, match="num_models"):
         per_task_transform(MergeSpec(method="average"), torch.zeros(3), 0, NAME)
+
+
+@pytest.mark.parametrize("spec", [MergeSpec("ties", density=0.3, scale=0.7),
+                                  MergeSpec("dare_ties", density=0.6, seed=5, weights=(1.0, -0.5, 2.0)),
+                                  MergeSpec("breadcrumbs", density=0.6, gamma=0.1)])
+def test_plan_tensor_slices_equal_merge_tensor_with_ties_at_the_cut(spec):
+    from hf_atm.merging.spec import plan_tensor
+
+    g = torch.Generator().manual_seed(50)
+    base = (torch.randint(-8, 9, (37, 11), generator=g).float() / 8).half()
+    models = [base + (torch.randint(-4, 5, (37, 11), generator=g).float() / 4).half() for _ in range(3)]
+    whole = merge_tensor(spec, base, models, "w")
+    plan = plan_tensor(spec, base, models, "w")
+    fb, fm = base.reshape(-1), [m.reshape(-1) for m in models]
+    parts = [plan.merge_slice(fb[s : s + 5], [m[s : s + 5] for m in fm], s) for s in range(0, base.numel(), 5)]
+    got = torch.cat(parts).view(whole.shape)
+    assert got.dtype == torch.float16 and torch.equal(got.view(torch.int16), whole.view(torch.int16))
+    with pytest.raises(MergeConfigError, match="sliced"):
+        plan_tensor(MergeSpec("tsv"), base, models, "w")

@@ -15,8 +15,11 @@
 Memory stays bounded by the tensors in flight: inputs are zero-copy views of the files' memory maps whose
 pages are released after use, outputs go straight to disk, and for the element-wise methods (``average``,
 ``task_arithmetic``) large tensors are processed in slices of ``chunk_elements`` (bit-identical to the
-whole-tensor result: every operation is element-wise). Methods that look at a whole tensor (TIES' top-k,
-DARE's seeded masks, SVD methods) get whole tensors. Computation is float32 (float64 for float64 inputs).
+whole-tensor result: every operation is element-wise). ``ties`` / ``dare_ties`` / ``breadcrumbs``
+(:data:`~hf_atm.merging.spec.SLICED_METHODS`) first compute their per-task whole-tensor statistics (magnitude
+cuts, one model at a time, its pages dropped after; DARE masks) with :func:`~hf_atm.merging.spec.plan_tensor`,
+then merge in the same slices, also bit-identical. The SVD methods get whole tensors. Computation is float32
+(float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from hf_atm.errors import CheckpointError, MergeConfigError, OutputExistsError
 from hf_atm.hub.resolve import is_local_reference, resolve_model, split_revision
 from hf_atm.merging.config import MergeConfig
 from hf_atm.merging.io import CheckpointReader, ShardedWriter, TensorInfo, iter_chunks
-from hf_atm.merging.spec import MergeSpec, merge_tensor
+from hf_atm.merging.spec import SLICED_METHODS, MergeSpec, merge_tensor, plan_tensor
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -52,7 +55,8 @@ __all__ = [
     "run_merge",
 ]
 
-#: Methods whose per-tensor result is element-wise in the inputs, so large tensors can be merged in slices.
+#: Methods whose per-tensor result is element-wise in the inputs, so large tensors can be merged in slices
+#: (SLICED_METHODS are too, after a whole-tensor first phase).
 ELEMENTWISE_METHODS: frozenset[str] = frozenset({"average", "task_arithmetic"})
 #: Slice size (elements) for element-wise methods: 1M float32 = 4 MB per input, cache-friendly.
 CHUNK_ELEMENTS = 1 << 20
@@ -271,6 +275,7 @@ def _stream(
 ) -> None:
     """Merge every tensor of the base (in its storage order) into `writer`, releasing inputs as it goes."""
     elementwise = spec.method in ELEMENTWISE_METHODS
+    sliced = spec.method in SLICED_METHODS
     readers = [base, *models]
     bar = tqdm(total=len(base.names), unit="tensor", desc="merging", disable=not progress, dynamic_ncols=True)
     try:
@@ -284,17 +289,30 @@ def _stream(
             inputs = [b, *(r.get(name) for r in models)]
             infos = [r.info(name) for r in readers]
             if not elementwise:
-                for t, info in zip(inputs, infos):
+                for r, t, info in zip(readers, inputs, infos):
                     if not _all_finite(t):
                         raise _nonfinite_error(name, t, info.file)
+                    if r is not base:
+                        r.release(t)  # checked: drop its pages now rather than hold every model's at once
             numel = b.numel()
-            step = chunk_elements if elementwise and numel > chunk_elements else max(numel, 1)
+            plan = None
+            if sliced and numel > chunk_elements:
+                # Phase 1 (magnitude cuts / DARE masks) over whole tensors, one model at a time; phase 2 below
+                # in slices, bit-identical to merge_tensor on the whole tensor.
+                b32 = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
+                plan = plan_tensor(spec, b32, inputs[1:], name, out_dtypes[name],
+                                   on_task_read=lambda i, t: models[i].release(t))
+                inputs[0] = b32
+            step = chunk_elements if (elementwise or plan is not None) and numel > chunk_elements else max(numel, 1)
             flat = [t.reshape(-1) for t in inputs] if step < numel else inputs
             for start, stop in iter_chunks(numel, step) if numel else [(0, 0)]:
                 part = [t[start:stop] for t in flat] if step < numel else flat
                 if spec.method == "average" and not _all_finite(part[0]):  # average's result ignores the base
                     raise _nonfinite_error(name, part[0], infos[0].file)
-                merged = _merge_one(spec, part[0], part[1:], name, out_dtypes[name])
+                if plan is not None:
+                    merged = plan.merge_slice(part[0], part[1:], start)
+                else:
+                    merged = _merge_one(spec, part[0], part[1:], name, out_dtypes[name])
                 if elementwise and not _all_finite(merged):
                     # Linear methods propagate any NaN / Inf of an input, so checking the result suffices;
                     # when the result alone overflowed (finite inputs) it is written as is, with a warning.
@@ -304,6 +322,7 @@ def _stream(
                 del merged
                 for r, t in zip(readers, part):
                     r.release(t)
+            plan = None  # free its masks / counters before the next tensor is read
             bar.update()
     finally:
         bar.close()

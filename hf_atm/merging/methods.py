@@ -12,14 +12,23 @@ Conventions shared by all functions:
   upcast). The result is in the compute dtype; the dispatcher in :mod:`hf_atm.merging.spec` casts back.
 * The inputs are never modified in place.
 * ``density`` is the kept fraction; trimming keeps ``k = int(density * numel)`` entries (as
-  ``peft.utils.merge_utils.magnitude_based_pruning`` does), and ``density >= 1`` means no trimming.
+  ``peft.utils.merge_utils.magnitude_based_pruning`` does), and ``density >= 1`` means no trimming. The
+  selection is an exact threshold (:class:`MagnitudeCut`, ``torch.kthvalue``) rather than ``torch.topk``;
+  among magnitudes equal to the k-th largest the earliest in flat index order are kept (topk's choice among
+  ties is unspecified, so results equal peft's whenever the magnitudes at the cut are distinct).
+* ``ties`` / ``dare_ties`` / ``breadcrumbs`` run in two phases: per-task whole-tensor statistics (cuts, DARE
+  masks; one task vector's magnitudes alive at a time), then an element-wise pass over slices of
+  :data:`SLICE_ELEMENTS` that accumulates task by task (no stacking). The streaming engine runs the same
+  phases on file slices (see :class:`SlicedCombine`), bit-identical to the whole-tensor call.
 * SVD-based methods (:func:`tsv`, :func:`iso_c`) apply only to 2-D tensors and use
   ``torch.linalg.svd(full_matrices=False)``; other ranks fall back as each docstring states.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,7 +36,19 @@ from torch import Tensor
 from hf_atm.errors import CheckpointError, MergeConfigError
 
 __all__ = [
+    "KEEP_ALL",
+    "SLICE_ELEMENTS",
+    "BreadcrumbsCombine",
+    "CutCursor",
+    "DareTiesCombine",
+    "MagnitudeCut",
+    "SlicedCombine",
+    "TiesCombine",
     "average",
+    "breadcrumbs_plan",
+    "dare_ties_plan",
+    "magnitude_cut",
+    "ties_plan",
     "breadcrumbs",
     "breadcrumbs_mask",
     "compute_dtype",
@@ -90,66 +111,29 @@ def _weighted_sum(tensors: Sequence[Tensor], weights: list[float] | None, dtype:
     return out
 
 
-def _stack(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.stack([t.to(dtype) for t in tensors], dim=0)
-
-
-def _weight_column(weights: list[float] | None, n: int, like: Tensor) -> Tensor:
-    """Weights as a (n, 1, 1, ...) tensor broadcasting against a stack shaped like `like`."""
-    w = torch.ones(n) if weights is None else torch.tensor(weights)
-    return w.to(dtype=like.dtype, device=like.device).view((n,) + (1,) * (like.dim() - 1))
-
-
 def _check_density(density: float, name: str = "density") -> None:
     if not 0.0 < density <= 1.0:
         raise MergeConfigError(f"{name} must be in (0, 1], got {density}")
 
 
-def _elect_and_disjoint_mean(
-    stacked: Tensor, weights: list[float] | None, majority_sign_method: str
-) -> Tensor:
-    """TIES steps 2-3 exactly as peft: elect the sign on the *unweighted* stack, then the weighted disjoint mean.
-
-    sign election: ``total``: s = sign(sum_i tau_i); ``frequency``: s = sign(sum_i sign(tau_i));
-    s = +1 where that sum is 0. An entry of task i "agrees" when sign(tau_i) == s (zero entries never agree).
-    result = sum_i [agree_i] * w_i * tau_i / max(1, count_i [agree_i])  (0 where no task agrees: no 0/0).
-    """
-    sign = stacked.sign()
-    if majority_sign_method == "total":
-        votes = stacked.sum(dim=0)
-    elif majority_sign_method == "frequency":
-        votes = sign.sum(dim=0)
-    else:
-        raise MergeConfigError(
-            f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}"
-        )
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
-    agree = sign == elected
-    if weights is not None:
-        stacked = stacked * _weight_column(weights, stacked.shape[0], stacked)
-    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(
-        dim=0
-    )
-    count = agree.sum(dim=0).clamp_(min=1).to(stacked.dtype)
-    return total.div_(count)
+def _check_gamma(gamma: float) -> None:
+    if not 0.0 <= gamma < 1.0:
+        raise MergeConfigError(f"gamma must be in [0, 1), got {gamma}")
 
 
 # ------------------------------------------------------------------------------------------ trimming / masks
 def magnitude_trim(tau: Tensor, density: float) -> Tensor:
     """Keep the ``k = int(density * numel)`` largest-magnitude entries of `tau`, zero the rest (TIES "trim").
 
-    Same selection as ``peft.utils.merge_utils.magnitude_based_pruning`` (``torch.topk`` on ``|tau|``, so ties
-    at the threshold resolve identically); ``density >= 1`` returns `tau` unchanged (a view, not a copy).
+    The count is peft's (``peft.utils.merge_utils.magnitude_based_pruning``); among entries whose magnitude
+    equals the k-th largest, the first ones in flat index order are kept (see :class:`MagnitudeCut`: identical
+    to peft whenever the magnitudes at the cut are distinct). ``density >= 1`` returns `tau` unchanged (a view).
     """
     if density >= 1.0:
         return tau
-    flat = tau.reshape(-1)
-    k = int(density * flat.numel())
-    out = torch.zeros_like(flat)
-    if k > 0:
-        idx = torch.topk(flat.abs(), k=k, largest=True).indices
-        out[idx] = flat[idx]
-    return out.view(tau.shape)
+    mag = tau.abs()
+    keep = _cut_mask(mag, magnitude_cut(mag, int(density * tau.numel())))
+    return torch.where(keep, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 
 def dare_mask(
@@ -171,28 +155,13 @@ def dare_mask(
 def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     """Bool mask of the Breadcrumbs "middle band" of `tau` by magnitude.
 
-    With ``N = numel``, ``k_top = int(gamma * N)`` and ``k_keep = min(int(density * N), N - k_top)``: the
-    ``k_top`` largest-magnitude entries are dropped, and of the rest the ``k_keep`` largest are kept (so the
-    ``N - k_top - k_keep`` smallest are dropped). Exactly ``k_keep`` entries are True.
+    With ``N = numel``, ``k_top = int(gamma * N)`` and ``k_keep = min(int(density * N), N - k_top)``: in the
+    order (``|tau|`` descending, flat index ascending; see :class:`MagnitudeCut`) the first ``k_top`` entries
+    are dropped and the next ``k_keep`` kept, the rest dropped. Exactly ``k_keep`` entries are True.
     """
-    flat = tau.reshape(-1)
-    n = flat.numel()
-    k_top = int(gamma * n)
-    k_keep = min(int(density * n), n - k_top)
-    k_bottom = n - k_top - k_keep
-    mag = flat.abs()
-    mask = torch.ones(n, dtype=torch.bool, device=flat.device)
-    if k_top > 0:
-        top = torch.topk(mag, k=k_top, largest=True).indices
-        mask[top] = False
-        # Exclude the dropped top entries from the bottom search so the two sets never overlap
-        # (equal magnitudes could otherwise be picked twice and keep fewer than k_keep).
-        mag = mag.clone()
-        mag[top] = float("inf")
-    if k_bottom > 0:
-        bottom = torch.topk(mag, k=k_bottom, largest=False).indices
-        mask[bottom] = False
-    return mask.view(tau.shape)
+    mag = tau.abs()
+    k_top, k_end = _breadcrumbs_counts(tau.numel(), density, gamma)
+    return _cut_mask(mag, magnitude_cut(mag, k_end)) & ~_cut_mask(mag, magnitude_cut(mag, k_top))
 
 
 def _generator_list(generator: Generators, n: int) -> list[torch.Generator | None]:
@@ -210,6 +179,289 @@ def _dare_drop(tau: Tensor, density: float, generator: torch.Generator | None, d
     mask = dare_mask(tau.shape, density, generator, device=tau.device)
     # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
     return (tau.to(dtype) * mask).div_(density)
+
+
+# ------------------------------------------------------------------------------- exact magnitude cuts
+#: Slice size (elements) in which the whole-tensor methods run their element-wise second phase.
+SLICE_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """The first ``k`` entries of a flat tensor in the total order (``|x|`` descending, flat index ascending).
+
+    They are every entry with ``|x| > threshold`` plus the first ``ties`` entries, in flat index order, with
+    ``|x| == threshold`` (``threshold`` is the k-th largest magnitude). ``threshold = -inf`` selects everything
+    (``k >= numel``), ``+inf`` with ``ties = 0`` nothing (``k = 0``).
+
+    Tie rule: ``torch.topk`` (what peft uses) leaves its order among equal magnitudes unspecified; this cut keeps
+    the earliest ones. So the selection equals peft's whenever the magnitudes at the cut are distinct (always,
+    in practice, for continuous data), and it is the same whether the tensor is processed whole or in slices.
+    """
+
+    threshold: float
+    ties: int
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.threshold == -math.inf
+
+
+KEEP_ALL = MagnitudeCut(-math.inf, 0)
+KEEP_NONE = MagnitudeCut(math.inf, 0)
+
+
+def magnitude_cut(magnitudes: Tensor, k: int) -> MagnitudeCut:
+    """The :class:`MagnitudeCut` selecting the ``k`` largest of `magnitudes` (``|tau|``, any shape, non-negative).
+
+    One exact selection (:func:`_kth_largest`: ``torch.kthvalue`` on a sample-bracketed subset for large
+    tensors) and one count; `magnitudes` is not modified.
+    """
+    flat = magnitudes.reshape(-1)
+    n = flat.numel()
+    if k >= n:
+        return KEEP_ALL
+    if k <= 0:
+        return KEEP_NONE
+    thr = _kth_largest(flat, k)
+    above = int(torch.count_nonzero(flat > thr))
+    return MagnitudeCut(thr, k - above)
+
+
+#: Sample stride of :func:`_kth_largest`'s bracketing step.
+_SAMPLE_STRIDE = 64
+
+
+def _kth_largest(flat: Tensor, k: int) -> float:
+    """The k-th largest of the 1-D `flat` (``1 <= k < numel``, no NaN), exactly, with little extra memory.
+
+    Large tensors: ``torch.kthvalue`` on a strided sample (every 64th entry) brackets the answer in
+    ``[lo, hi]`` (about +-4 standard deviations of the sample rank); one pass counts the entries ``> hi``
+    and one gathers those inside the bracket, and ``torch.kthvalue`` on that small set gives the exact
+    value. When the bracket misses (unusual data) it falls back to ``torch.kthvalue`` on the whole tensor, as
+    small tensors always do. Either way the result is the exact k-th largest.
+    """
+    n = flat.numel()
+    if n <= SLICE_ELEMENTS:
+        return float(torch.kthvalue(flat, n - k + 1).values)
+    sample = flat[::_SAMPLE_STRIDE]
+    m = sample.numel()
+    r = k * m / n  # expected rank from the top of the k-th largest inside the sample
+    margin = 4.0 * math.sqrt(max(r * (1.0 - r / m), 1.0)) + 8.0
+    hi_rank, lo_rank = max(1, math.floor(r - margin)), min(m, math.ceil(r + margin))
+    hi = float(torch.kthvalue(sample, m - hi_rank + 1).values)
+    lo = float(torch.kthvalue(sample, m - lo_rank + 1).values)
+    # Whole-tensor passes: two bool temporaries (1 byte per entry), far faster than many slice-sized ones.
+    above = int(torch.count_nonzero(flat > hi))
+    within = flat[(flat >= lo).logical_and_(flat <= hi)]
+    need = k - above  # the answer is the need-th largest inside the bracket when 1 <= need <= len
+    if 1 <= need <= within.numel():
+        return float(torch.kthvalue(within, within.numel() - need + 1).values)
+    return float(torch.kthvalue(flat, n - k + 1).values)
+
+
+class CutCursor:
+    """Applies a :class:`MagnitudeCut` to consecutive flat slices of its tensor, visited in order from 0.
+
+    It counts the tie entries (``|x| == threshold``) kept so far, so the union of the slice masks is exactly the
+    cut's selection whatever the slice sizes.
+    """
+
+    def __init__(self, cut: MagnitudeCut) -> None:
+        self.cut = cut
+        self.ties_left = cut.ties
+        self.position = 0
+
+    def mask(self, magnitudes: Tensor, start: int) -> Tensor:
+        """Bool keep-mask of the flat slice ``[start, start + len)`` whose magnitudes are given."""
+        if start != self.position:
+            raise RuntimeError(f"slices must be visited in order: expected start {self.position}, got {start}")
+        self.position += magnitudes.numel()
+        if self.cut.keeps_all:
+            return torch.ones(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+        keep = magnitudes > self.cut.threshold
+        if self.ties_left > 0:
+            at = (magnitudes == self.cut.threshold).nonzero().view(-1)[: self.ties_left]
+            keep[at] = True
+            self.ties_left -= at.numel()
+        return keep
+
+
+def _cut_mask(magnitudes: Tensor, cut: MagnitudeCut) -> Tensor:
+    return CutCursor(cut).mask(magnitudes.reshape(-1), 0).view(magnitudes.shape)
+
+
+# ------------------------------------------------------------------------ two-phase whole-tensor methods
+class SlicedCombine:
+    """Phase 2 of a method that needs whole-tensor statistics (``ties``, ``dare_ties``, ``breadcrumbs``).
+
+    Phase 1 (the ``*_plan`` functions) looks at each task vector once, one at a time, and keeps only small
+    per-task state (magnitude cuts; DARE's 1-byte masks). Phase 2 is element-wise given that state:
+    :meth:`combine` maps the flat slices ``[start, stop)`` of the task vectors to the same slice of
+    ``combine(tau_1..tau_n)``; slices must be visited in order from 0 (tie counters). The result does not
+    depend on how the tensor is sliced.
+    """
+
+    def __init__(self, numel: int, weights: list[float] | None) -> None:
+        self.numel = numel
+        self.weights = weights
+
+    def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, task_vectors: Sequence[Tensor], dtype: torch.dtype, slice_elements: int = SLICE_ELEMENTS) -> Tensor:
+        """The whole ``combine(task_vectors)`` in `dtype`, computed slice by slice into one output buffer."""
+        shape = task_vectors[0].shape
+        flat = [t.reshape(-1) for t in task_vectors]
+        out = torch.empty(self.numel, dtype=dtype, device=flat[0].device)
+        for start in range(0, self.numel, slice_elements):
+            stop = min(self.numel, start + slice_elements)
+            out[start:stop] = self.combine([f[start:stop].to(dtype) for f in flat], start)
+        return out.view(shape)
+
+
+def _elect_and_mean_slice(
+    values: Sequence[Tensor], keeps: Sequence[Tensor | None], weights: list[float] | None, majority_sign_method: str
+) -> Tensor:
+    """TIES steps 2-3 on one slice, accumulated task by task (element-wise, so slicing never changes a bit).
+
+    ``t_i = values_i`` where ``keeps_i`` (all of it when None), else 0. ``total``: s = sign(sum_i t_i);
+    ``frequency``: s = sign(sum_i sign(t_i)); s = +1 where that vote is 0. Task i agrees where
+    ``sign(t_i) == s`` (zeros never agree). Result ``sum_i [agree_i] w_i t_i / max(1, #agree)``.
+    """
+    zero = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
+    signs = []
+    votes: Tensor | None = None
+    for v, keep in zip(values, keeps):
+        sign = v.sign() if keep is None else torch.where(keep, v.sign(), zero)
+        signs.append(sign)
+        if majority_sign_method == "total":
+            term = v if keep is None else torch.where(keep, v, zero)
+        else:
+            term = sign
+        votes = term.clone() if votes is None else votes.add_(term)
+    assert votes is not None
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
+    del votes
+    total = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for i, (v, sign) in enumerate(zip(values, signs)):
+        agree = sign == elected
+        term = v if weights is None else v * weights[i]
+        total.add_(torch.where(agree, term, zero))
+        count.add_(agree)
+    return total.div_(count.clamp_(min=1))
+
+
+def _check_sign_method(majority_sign_method: str) -> None:
+    if majority_sign_method not in ("total", "frequency"):
+        raise MergeConfigError(
+            f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}"
+        )
+
+
+class TiesCombine(SlicedCombine):
+    """Phase 2 of :func:`ties`: trim each task by its cut, elect the sign, disjoint mean (see :func:`ties`)."""
+
+    def __init__(self, cuts: Sequence[MagnitudeCut], numel: int, weights: list[float] | None,
+                 majority_sign_method: str) -> None:
+        super().__init__(numel, weights)
+        self.cursors = [CutCursor(c) for c in cuts]
+        self.majority_sign_method = majority_sign_method
+
+    def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
+        # density 1 (a cut that keeps all) skips the magnitudes: the sign election alone, as peft.
+        keeps = [None if c.cut.keeps_all else c.mask(t.abs(), start) for c, t in zip(self.cursors, task_slices)]
+        return _elect_and_mean_slice(task_slices, keeps, self.weights, self.majority_sign_method)
+
+
+class DareTiesCombine(SlicedCombine):
+    """Phase 2 of :func:`dare_ties`: ``d_i = tau_i * m_i / density`` then TIES steps 2-3 (see :func:`dare_ties`)."""
+
+    def __init__(self, masks: Sequence[Tensor], density: float, weights: list[float] | None,
+                 majority_sign_method: str) -> None:
+        super().__init__(masks[0].numel(), weights)
+        self.masks = [m.reshape(-1) for m in masks]
+        self.density = density
+        self.majority_sign_method = majority_sign_method
+
+    def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
+        stop = start + task_slices[0].numel()
+        # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
+        dropped = [(t * m[start:stop].to(t.device)).div_(self.density) for t, m in zip(task_slices, self.masks)]
+        return _elect_and_mean_slice(dropped, [None] * len(dropped), self.weights, self.majority_sign_method)
+
+
+class BreadcrumbsCombine(SlicedCombine):
+    """Phase 2 of :func:`breadcrumbs`: ``sum_i w_i tau_i [in band_i]`` with the band between two cuts."""
+
+    def __init__(self, cuts: Sequence[tuple[MagnitudeCut, MagnitudeCut]], numel: int,
+                 weights: list[float] | None) -> None:
+        super().__init__(numel, weights)
+        self.cursors = [(CutCursor(top), CutCursor(upto)) for top, upto in cuts]
+
+    def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
+        out: Tensor | None = None
+        for i, (t, (top, upto)) in enumerate(zip(task_slices, self.cursors)):
+            mag = t.abs()
+            band = upto.mask(mag, start) & ~top.mask(mag, start)
+            term = t * band
+            if self.weights is not None:
+                term.mul_(self.weights[i])
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
+
+
+def ties_plan(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int,
+              weights: Sequence[float] | None = None, density: float = 0.2,
+              majority_sign_method: str = "total") -> TiesCombine:
+    """Phase 1 of :func:`ties`: one :func:`magnitude_cut` (``k = int(density * numel)``) per task.
+
+    ``magnitude(i)`` returns ``|tau_i|`` (whole tensor); it is called once per task in order and its result
+    dropped before the next call, so one task's magnitudes are alive at a time. Density 1 calls it never.
+    """
+    _check_density(density)
+    _check_sign_method(majority_sign_method)
+    k = int(density * numel)
+    cuts = [KEEP_ALL if density >= 1.0 else magnitude_cut(magnitude(i), k) for i in range(num_tasks)]
+    return TiesCombine(cuts, numel, _weights(weights, num_tasks), majority_sign_method)
+
+
+def dare_ties_plan(shape: torch.Size | Sequence[int], num_tasks: int, weights: Sequence[float] | None = None,
+                   density: float = 0.5, majority_sign_method: str = "total",
+                   generator: Generators = None) -> DareTiesCombine:
+    """Phase 1 of :func:`dare_ties`: each task's whole DARE mask, drawn once (bool, 1 byte per entry)."""
+    _check_density(density)
+    _check_sign_method(majority_sign_method)
+    gens = _generator_list(generator, num_tasks)
+    masks = [dare_mask(shape, density, g) for g in gens]
+    return DareTiesCombine(masks, density, _weights(weights, num_tasks), majority_sign_method)
+
+
+def _breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """(k_top, k_top + k_keep): the band is the entries ranked in ``[k_top, k_top + k_keep)`` by magnitude."""
+    k_top = int(gamma * numel)
+    k_keep = min(int(density * numel), numel - k_top)
+    return k_top, k_top + k_keep
+
+
+def breadcrumbs_plan(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int,
+                     weights: Sequence[float] | None = None, density: float = 0.9,
+                     gamma: float = 0.01) -> BreadcrumbsCombine:
+    """Phase 1 of :func:`breadcrumbs`: two cuts per task (its top ``k_top`` and its top ``k_top + k_keep``).
+
+    ``magnitude(i)`` returns ``|tau_i|``, called once per task in order (see :func:`ties_plan`).
+    """
+    _check_density(density)
+    _check_gamma(gamma)
+    k_top, k_end = _breadcrumbs_counts(numel, density, gamma)
+    cuts = []
+    for i in range(num_tasks):
+        mag = magnitude(i)
+        cuts.append((magnitude_cut(mag, k_top), magnitude_cut(mag, k_end)))
+        del mag  # before the next task's magnitudes are computed
+    return BreadcrumbsCombine(cuts, numel, _weights(weights, num_tasks))
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -244,7 +496,8 @@ def ties(
 ) -> Tensor:
     """TIES-Merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023).
 
-    1. trim: ``t_i = magnitude_trim(tau_i, density)`` (top ``int(density * numel)`` entries by ``|tau_i|``);
+    1. trim: ``t_i = magnitude_trim(tau_i, density)`` (top ``int(density * numel)`` entries by ``|tau_i|``,
+       ties at the cut resolved by flat index, see :class:`MagnitudeCut`);
     2. elect: ``s = sign(sum_i t_i)`` (``"total"``) or ``s = sign(sum_i sign(t_i))`` (``"frequency"``), with
        ``s = +1`` where the vote is 0; the vote uses the *unweighted* trimmed vectors;
     3. disjoint mean: ``sum_i [sign(t_i) == s] w_i t_i / max(1, #{i : sign(t_i) == s})``.
@@ -254,12 +507,14 @@ def ties(
     ``peft.utils.merge_utils.ties(taus, torch.tensor(weights), density, majority_sign_method)``, for unit and
     non-unit weights alike. Entries where no task agrees (e.g. all zero) are 0. ``density = 1`` skips the trim,
     leaving the sign election and disjoint mean.
+
+    Computed by :func:`ties_plan` (one ``|tau_i|`` alive at a time) then :meth:`TiesCombine.run` in slices:
+    besides the inputs, about one task vector plus a few slice-sized buffers are allocated.
     """
     dtype = _check(task_vectors)
-    _check_density(density)
-    w = _weights(weights, len(task_vectors))
-    stacked = torch.stack([magnitude_trim(t.to(dtype), density) for t in task_vectors], dim=0)
-    return _elect_and_disjoint_mean(stacked, w, majority_sign_method)
+    plan = ties_plan(lambda i: task_vectors[i].to(dtype).abs(), len(task_vectors), task_vectors[0].numel(),
+                     weights, density, majority_sign_method)
+    return plan.run(task_vectors, dtype)
 
 
 def dare_linear(
@@ -304,11 +559,9 @@ def dare_ties(
     disjoint mean ``sum_i [sign(d_i) == s] w_i d_i / max(1, #agreeing)`` (see :func:`ties`).
     """
     dtype = _check(task_vectors)
-    _check_density(density)
-    w = _weights(weights, len(task_vectors))
-    gens = _generator_list(generator, len(task_vectors))
-    stacked = torch.stack([_dare_drop(t, density, g, dtype) for t, g in zip(task_vectors, gens)], dim=0)
-    return _elect_and_disjoint_mean(stacked, w, majority_sign_method)
+    plan = dare_ties_plan(task_vectors[0].shape, len(task_vectors), weights, density, majority_sign_method,
+                          generator)
+    return plan.run(task_vectors, dtype)
 
 
 def breadcrumbs(
@@ -325,19 +578,9 @@ def breadcrumbs(
     dropped. Requires ``gamma + density <= 1`` (validated by the spec; here the kept count is capped).
     """
     dtype = _check(task_vectors)
-    _check_density(density)
-    if not 0.0 <= gamma < 1.0:
-        raise MergeConfigError(f"gamma must be in [0, 1), got {gamma}")
-    w = _weights(weights, len(task_vectors))
-    out: Tensor | None = None
-    for i, tau in enumerate(task_vectors):
-        t = tau.to(dtype)
-        term = t * breadcrumbs_mask(t, density, gamma)
-        if w is not None:
-            term.mul_(w[i])
-        out = term if out is None else out.add_(term)
-    assert out is not None
-    return out
+    plan = breadcrumbs_plan(lambda i: task_vectors[i].to(dtype).abs(), len(task_vectors),
+                            task_vectors[0].numel(), weights, density, gamma)
+    return plan.run(task_vectors, dtype)
 
 
 def tsv(task_vectors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:

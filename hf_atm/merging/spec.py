@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
@@ -32,11 +32,14 @@ __all__ = [
     "GAMMA_METHODS",
     "METHODS",
     "SIGN_METHODS",
+    "SLICED_METHODS",
     "MergeSpec",
+    "TensorPlan",
     "merge_deltas",
     "merge_tensor",
     "needs_all_task_vectors",
     "per_task_transform",
+    "plan_tensor",
     "tensor_seed",
 ]
 
@@ -59,6 +62,9 @@ GAMMA_METHODS: tuple[str, ...] = tuple(DEFAULT_GAMMA)
 #: methods with a TIES sign election, the only ones that read ``majority_sign_method``.
 SIGN_METHODS: tuple[str, ...] = ("ties", "dare_ties")
 MAJORITY_SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
+#: methods that need whole-tensor statistics (magnitude cuts, DARE masks) but are element-wise given them:
+#: :func:`plan_tensor` computes the statistics, then :meth:`TensorPlan.merge_slice` merges any slices in order.
+SLICED_METHODS: tuple[str, ...] = ("ties", "dare_ties", "breadcrumbs")
 #: methods whose combine is a (weighted) sum of independent per-task transforms.
 _SUM_DECOMPOSABLE: frozenset[str] = frozenset({"average", "task_arithmetic", "dare_linear", "breadcrumbs"})
 
@@ -333,6 +339,102 @@ def merge_deltas(spec: MergeSpec, task_vectors: Sequence[Tensor], name: str = ""
     return out if spec.scale == 1.0 else out.mul_(spec.scale)
 
 
+class TensorPlan:
+    """Phase 2 of :func:`merge_tensor` for a :data:`SLICED_METHODS` method, made by :func:`plan_tensor`.
+
+    :meth:`merge_slice` returns ``merge_tensor(spec, base, models, name).reshape(-1)[start:stop]`` (cast to
+    ``out_dtype``) from the flat slices ``[start, stop)`` of the base and the models, bit for bit; slices must
+    be visited in order from 0 and cover the tensor once.
+    """
+
+    def __init__(self, spec: MergeSpec, combine: M.SlicedCombine, dtype: torch.dtype, out_dtype: torch.dtype,
+                 shape: torch.Size) -> None:
+        self.spec = spec
+        self.combine = combine
+        self.dtype = dtype
+        self.out_dtype = out_dtype
+        self.shape = shape
+        self.numel = combine.numel
+
+    def merge_slice(self, base: Tensor, models: Sequence[Tensor], start: int) -> Tensor:
+        """The merged flat slice ``[start, start + base.numel())`` in ``out_dtype`` (same ops as merge_tensor)."""
+        b = base.reshape(-1).to(self.dtype)
+        taus = [t.reshape(-1) - b for t in models]
+        delta = self.combine.combine(taus, start)
+        del taus
+        if self.spec.scale != 1.0:
+            delta.mul_(self.spec.scale)
+        return delta.add_(b).to(self.out_dtype)
+
+    def merge_all(self, base: Tensor, models: Sequence[Tensor],
+                  slice_elements: int = M.SLICE_ELEMENTS) -> Tensor:
+        """The whole merged tensor, slice by slice into one output buffer."""
+        out = torch.empty(self.numel, dtype=self.out_dtype, device=base.device)
+        fb, fm = base.reshape(-1), [t.reshape(-1) for t in models]
+        for start in range(0, self.numel, slice_elements):
+            stop = min(self.numel, start + slice_elements)
+            out[start:stop] = self.merge_slice(fb[start:stop], [t[start:stop] for t in fm], start)
+        return out.view(self.shape)
+
+
+def _combine_plan(spec: MergeSpec, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
+                  name: str) -> M.SlicedCombine:
+    """Phase 1 of a SLICED_METHODS method; ``magnitude(i)`` gives ``|tau_i|`` (read once per task, in order)."""
+    numel = math.prod(shape)
+    density, w = spec.effective_density, spec.weights
+    assert density is not None
+    if spec.method == "ties":
+        return M.ties_plan(magnitude, n, numel, w, density, spec.majority_sign_method)
+    if spec.method == "dare_ties":
+        gens = [_generator(spec.seed, name, i) for i in range(n)]
+        return M.dare_ties_plan(shape, n, w, density, spec.majority_sign_method, generator=gens)
+    gamma = spec.effective_gamma
+    assert spec.method == "breadcrumbs" and gamma is not None
+    return M.breadcrumbs_plan(magnitude, n, numel, w, density, gamma)
+
+
+def plan_tensor(
+    spec: MergeSpec,
+    base: Tensor,
+    models: Sequence[Tensor],
+    name: str = "",
+    out_dtype: torch.dtype | None = None,
+    on_task_read: Callable[[int, Tensor], None] | None = None,
+) -> TensorPlan:
+    """Phase 1 of ``merge_tensor(spec, base, models, name)`` for a :data:`SLICED_METHODS` method.
+
+    Reads each model once, whole, in order, holding one task vector ``|M_i - base|`` at a time (the magnitude
+    cuts of ties / breadcrumbs; dare_ties draws its seeded masks instead and reads nothing);
+    ``on_task_read(i, models[i])`` is called after model i was read (e.g. to drop its file pages). The plan's
+    :meth:`TensorPlan.merge_slice` then merges slices in ``out_dtype`` (default: the base's dtype).
+    Raises MergeConfigError for a method outside SLICED_METHODS or an invalid spec, CheckpointError
+    (naming `name`) for mismatched shapes or non-floating tensors.
+    """
+    if spec.method not in SLICED_METHODS:
+        raise MergeConfigError(
+            f"method {spec.method!r} has no sliced plan; only {', '.join(SLICED_METHODS)} do"
+        )
+    if len(models) == 0:
+        raise MergeConfigError(f"tensor {name!r}: a merge needs at least one model")
+    spec.validate(len(models))
+    _check_shapes(name, models, "model", expected=base.shape)
+    for i, t in enumerate([base, *models]):
+        if not t.is_floating_point():
+            what = "the base" if i == 0 else f"model {i - 1}"
+            raise CheckpointError(f"tensor {name!r}: {what} has non-floating dtype {t.dtype}")
+    dtype = M.compute_dtype([base, *models])
+    b = base.to(dtype)
+
+    def magnitude(i: int) -> Tensor:
+        mag = (models[i] - b).abs_()  # one fresh buffer: the task vector, made its own magnitudes
+        if on_task_read is not None:
+            on_task_read(i, models[i])
+        return mag
+
+    combine = _combine_plan(spec, magnitude, len(models), base.shape, name)
+    return TensorPlan(spec, combine, dtype, base.dtype if out_dtype is None else out_dtype, base.shape)
+
+
 def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor], name: str = "") -> Tensor:
     """The merged tensor `name`, in the base's dtype (the first model's dtype for ``average`` without a base).
 
@@ -362,6 +464,9 @@ def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor],
         raise MergeConfigError(
             f"method {spec.method!r} needs a base model (only 'average' works without one)"
         )
+    if spec.method in SLICED_METHODS:
+        # Phase 1 over whole tensors, phase 2 in slices: the streaming engine runs the same plan.
+        return plan_tensor(spec, base, models, name).merge_all(base, models)
     dtype = M.compute_dtype([base, *models])
     b = base.to(dtype)
     # Type promotion (b is in the widest dtype) upcasts each model inside the subtraction: no extra copy.
