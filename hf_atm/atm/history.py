@@ -62,6 +62,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder = Path(folder)
     written: list[Path] = []
@@ -75,6 +76,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike
         ax.plot(rounds, [h["accuracy"].get(t, math.nan) for h in history], marker="o", ms=3, label=t)
     ax.plot(rounds, [h["mean_accuracy"] for h in history], color="black", lw=2.2, label="mean")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"accuracy ({history[-1].get('split', 'validation')})")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -95,6 +97,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike
         fig.colorbar(im, ax=a1, fraction=0.046)
         a2.plot([h["round"] for h in with_cos], [mean_off_diagonal(h["cosine"]) for h in with_cos], marker="o")
         a2.set_xlabel("round")
+        a2.xaxis.set_major_locator(MaxNLocator(integer=True))
         a2.set_ylabel("mean off-diagonal cosine")
         a2.grid(alpha=0.3)
         fig.tight_layout()
