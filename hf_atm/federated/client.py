@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -375,8 +375,7 @@ def _train_secagg(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Messag
 
     conf = msg.content.config_records[FITINS_CONFIG]
     local, tau, stats = _train_common(cfg, ctx, conf)
-    spec = MergeSpec.from_dict(json.loads(str(conf["merge-spec"])))
-    spec = MergeSpec(**{**spec.__dict__, "seed": int(conf["merge-round-seed"])})
+    spec = replace(MergeSpec.from_dict(json.loads(str(conf["merge-spec"]))), seed=int(conf["merge-round-seed"]))
     names = sorted(local.model.backbone_tensors())
     shapes = {n: t.shape for n, t in local.model.backbone_tensors().items()}
     term = secagg_client_transform(spec, tau, int(conf["task-index"]), int(conf["num-tasks"]),
