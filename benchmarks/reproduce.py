@@ -384,31 +384,34 @@ def suite_report(name: str, res: dict[int, dict[str, Any]], a: argparse.Namespac
     scales = {m: [res[s][f"individual_B{top}"][m]["scale"] for s in seeds_top] for m in METHODS}
     lines += ["", "Scales chosen on validation (per seed): " + "; ".join(
         f"{LABELS[m]} {', '.join(f'{x:.2f}' for x in v)}" for m, v in scales.items()) + ".", ""]
-    # budget curve
+    # budget curve: only seeds that ran every budget, so that every point averages the same seeds
+    curve_res = {s: u for s, u in res.items() if all(f"individual_B{b}" in u for b in a.budgets)}
     curve = out / f"{name}_budget_curve.png"
-    _plot_budget_curve(res, sorted(a.budgets), top, curve, f"{name} suite: accuracy against budget")
+    _plot_budget_curve(curve_res, sorted(a.budgets), top, curve, f"{name} suite: accuracy against budget")
     lines += ["### Budget curve", "", f"![budget curve]({curve.name})", ""]
     lines.append("| method | " + " | ".join(f"B = {b}" for b in sorted(a.budgets)) + " |")
     lines.append("|---" * (len(a.budgets) + 1) + "|")
-    by_b = {b: rows_at_budget(res, b, top) for b in sorted(a.budgets)}
+    by_b = {b: rows_at_budget(curve_res, b, top) for b in sorted(a.budgets)}
     for key in order:
         cells = [_ms(by_b[b][key]["abs"]) if key in by_b[b] else "-" for b in sorted(a.budgets)]
         lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
-    lines += ["", "Budgets other than the largest: seeds " + ", ".join(map(str, a.curve_seeds)) +
-              " (ATM's row comes from the rounds of the same runs).", ""]
-    # budget split
+    lines += ["", "Seeds: " + ", ".join(map(str, sorted(curve_res))) + " (those that ran every budget; ATM's "
+              "row at B = K is round K of the same B = " + str(top) + " runs).", ""]
+    # budget split: only seeds that ran every split
+    keys = [f"atm_{top // e}x{e}" for e in (1, 2, 4, 8, 16) if e <= top and top % e == 0]
+    split_res = {s: u for s, u in res.items() if all(k in u for k in keys)}
     splits = []
     for e in (1, 2, 4, 8, 16):
         if e <= top and top % e == 0:
             key = f"atm_{top // e}x{e}"
-            accs = [_mean(u[key]["test"]) for u in res.values() if key in u]
+            accs = [_mean(u[key]["test"]) for u in split_res.values()]
             if accs:
                 splits.append((top // e, e, accs))
-    lines += [f"### Budget split at B = {top}", "", "| rounds x epochs per round | mean test accuracy (%) |",
-              "|---|---|"]
+    lines += [f"### Budget split at B = {top} (seeds {', '.join(map(str, sorted(split_res)))})", "",
+              "| rounds x epochs per round | mean test accuracy (%) |", "|---|---|"]
     lines += [f"| {k} x {e} | {_ms(v)} |" for k, e, v in splits]
-    series = {f"{k} x {e}": [[_mean(x) for x in u[f'atm_{k}x{e}']["test_by_round"]] for u in res.values()
-                             if f"atm_{k}x{e}" in u] for k, e, _ in splits}
+    series = {f"{k} x {e}": [[_mean(x) for x in u[f'atm_{k}x{e}']["test_by_round"]] for u in split_res.values()]
+              for k, e, _ in splits}
     split_png = out / f"{name}_budget_split.png"
     _plot_rounds({k: v for k, v in series.items() if v}, split_png, f"{name}: ATM rounds x epochs (B = {top})",
                  "round")
@@ -478,6 +481,29 @@ def suite_report(name: str, res: dict[int, dict[str, Any]], a: argparse.Namespac
     return lines
 
 
+def copy_examples(name: str, work: Path, out: Path, top: int) -> list[str]:
+    """Copy one PA-ATM and one PH-ATM run's history.json and plots (lowest seed) next to the report."""
+    import shutil
+
+    seeds = sorted(int(d.name[4:]) for d in (work / name).glob("seed*"))
+    if not seeds:
+        return []
+    seed_dir = work / name / f"seed{seeds[0]}"
+    runs = {f"{name}_pa_atm": seed_dir / f"atm_{top}x1.run", f"{name}_ph_atm_from_tsv": seed_dir /
+            f"individual_B{top}.run" / "ph_tsv"}
+    lines = []
+    for label, src in runs.items():
+        if (src / "history.json").exists():
+            dst = out / "examples" / label
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in ("history.json", "accuracy.png", "cosine.png"):
+                if (src / f).exists():
+                    shutil.copy2(src / f, dst / f)
+            lines.append(f"* `examples/{label}/`: history.json (validation accuracy per round, cosine of the task "
+                         f"vectors, timings), accuracy.png, cosine.png (seed {seeds[0]}).")
+    return (["### Example run histories", "", *lines, ""]) if lines else []
+
+
 def write_report(a: argparse.Namespace) -> Path:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -490,12 +516,14 @@ def write_report(a: argparse.Namespace) -> Path:
             continue
         meta = json.loads((Path(a.work) / name / "meta.json").read_text())
         lines += [f"Run of the {name} suite:", "", f"* Machine: {meta['machine']}",
-                  f"* Command: `{meta['command']}`",
+                  "* Commands (each a process; units already saved are skipped): "
+                  + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")])),
                   f"* Seeds: {meta['seeds']} for the largest budget and PH-ATM; "
                   f"{meta['curve_seeds']} for the other budgets, {meta.get('split_seeds')} for the budget split. "
                   "Data splits fixed (split seed 0).",
                   f"* Started {meta['started']}; software: {meta['software']}", ""]
         lines += suite_report(name, res, a, out)
+        lines += copy_examples(name, Path(a.work), out, max(a.budgets))
     path = out / "REPRODUCTION.md"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -528,23 +556,28 @@ def main() -> None:
 
 
 def write_meta(path: Path, a: argparse.Namespace) -> None:
-    """Machine, command, seeds and software of a suite's run (kept from the first start on resume)."""
-    if path.exists():
-        return
+    """Machine, commands, seeds and software of a suite's runs (each start, resumed or parallel, appends its
+    command)."""
     import transformers
 
+    meta = json.loads(path.read_text()) if path.exists() else {}
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
         names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    meta = {"machine": f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
-                       f"torch threads {a.threads}, CPU only",
-            "command": "python " + " ".join(sys.argv), "seeds": a.seeds, "curve_seeds": a.curve_seeds,
-            "split_seeds": a.split_seeds,
-            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "software": f"python {platform.python_version()}, torch {torch.__version__}, "
-                        f"transformers {transformers.__version__}"}
+    meta.setdefault("machine", f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
+                               f"CPU only")
+    meta.setdefault("started", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    meta.setdefault("software", f"python {platform.python_version()}, torch {torch.__version__}, "
+                                f"transformers {transformers.__version__}")
+    commands = meta.get("commands") or ([meta["command"]] if "command" in meta else [])
+    command = "python " + " ".join(sys.argv)
+    if command not in commands:
+        commands.append(command)
+    meta["commands"] = commands
+    for key in ("seeds", "curve_seeds", "split_seeds"):
+        meta[key] = sorted(set(meta.get(key) or []) | set(getattr(a, key)))
     path.write_text(json.dumps(meta, indent=1))
 
 

@@ -117,6 +117,9 @@ def test_resume_after_crash_is_bit_identical(tmp_path, data, reset):
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-round-*")) == [
         "checkpoint-round-1", "checkpoint-round-2"]
     resumed = ATMTrainer(model=make_model(dropout=0.1), args=make_args(tmp_path / "run", **kw), task_datasets=data)
+    # "True" as a string is what `--resume_from_checkpoint True` gives a recipe (a str field): the latest round
+    assert resumed._resolve_checkpoint("True") == tmp_path / "run" / "checkpoint-round-2"
+    assert resumed._resolve_checkpoint("false") is None
     resumed.train(resume_from_checkpoint=True)
     sa, sb = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -872,6 +872,9 @@ class ATMTrainer(Trainer):
         return sorted((k, p) for k, p in found if (p / ATM_STATE_FILE).is_file())
 
     def _resolve_checkpoint(self, resume: str | bool | None) -> Path | None:
+        # From the command line (TrainingArguments.resume_from_checkpoint is a str) "True" means the latest.
+        if isinstance(resume, str) and resume.strip().lower() in ("true", "false", ""):
+            resume = resume.strip().lower() == "true"
         if resume is None or resume is False:
             return None
         if resume is True:
