@@ -682,7 +682,10 @@ class ATMStrategy:
         msgs = [Message(RecordDict({REC_CONFIG: _cfg(action=ACTION_HELLO, protocol=PROTOCOL)}), nid,
                         MessageType.QUERY, group_id="hello") for nid in node_ids]
         out: dict[int, NodeInfo] = {}
-        for m in self.grid.send_and_receive(msgs, timeout=min(self.cfg.round_timeout, self.cfg.startup_timeout)):
+        # A node answers its first hello only after loading its task's data (and, in the simulation engine, after
+        # its actor has imported torch): that is a step's work, so it gets a step's timeout, not startup_timeout
+        # (seen: four nodes sharing one Ray CPU on a busy 2-core machine needed more than 120 s).
+        for m in self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             if m.has_error():
                 log.warning("node %s failed hello: %s", m.metadata.src_node_id, _error_reason(m))
                 continue
