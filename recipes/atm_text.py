@@ -19,6 +19,7 @@ from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel, finetune_individua
 from hf_atm.atm.report import accuracy_row, format_table, test_accuracy
 from hf_atm.backbones import TEXT_BACKBONE_POOLING, text_backbone_path
 from hf_atm.data import load_suite, tokenize_suite
+from hf_atm.hub.resolve import resolve_model
 
 # Recipe defaults, sized for a few minutes on two CPU cores; any flag given on the command line wins.
 DEFAULTS = ["--output_dir", "outputs/atm_text", "--rounds", "3", "--epochs_per_round", "1",
@@ -44,7 +45,7 @@ script, args = parser.parse_args_into_dataclasses(args=DEFAULTS + sys.argv[1:])
 
 # 1. Data: each task a DatasetDict(train/validation/test) with its own labels, tokenized.
 backbone = script.backbone or text_backbone_path()
-tokenizer = AutoTokenizer.from_pretrained(backbone)
+tokenizer = AutoTokenizer.from_pretrained(resolve_model(backbone))  # a folder, "org/name" or "org/name@rev"
 suite = load_suite(script.suite, seed=args.seed, max_train_per_task=script.max_train_per_task,
                    max_test_per_task=script.max_test_per_task)
 suite = tokenize_suite(suite, tokenizer, max_length=script.max_length)

@@ -18,6 +18,7 @@ from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel, finetune_individua
 from hf_atm.atm.report import accuracy_row, format_table, test_accuracy
 from hf_atm.backbones import pretrained_vit
 from hf_atm.data import load_suite, pixelize_suite
+from hf_atm.hub.resolve import resolve_model
 
 # Recipe defaults, sized for a few minutes on two CPU cores; any flag given on the command line wins.
 DEFAULTS = ["--output_dir", "outputs/atm_vit", "--rounds", "4", "--epochs_per_round", "1",
@@ -43,7 +44,7 @@ script, args = parser.parse_args_into_dataclasses(args=DEFAULTS + sys.argv[1:])
 suite = load_suite(script.suite, seed=args.seed, max_train_per_task=script.max_train_per_task,
                    max_test_per_task=script.max_test_per_task)
 backbone = script.backbone or pretrained_vit()
-vit = AutoConfig.from_pretrained(backbone)
+vit = AutoConfig.from_pretrained(resolve_model(backbone))  # a folder, "org/name" or "org/name@rev"
 channels = vit.num_channels
 suite = pixelize_suite(suite, image_size=vit.image_size, mean=(0.5,) * channels, std=(0.5,) * channels)
 labels = {task: ds["train"].features["labels"].names for task, ds in suite.items()}

@@ -74,6 +74,26 @@ def _download(endpoint: str, cache: Path, home: Path, refs: list[str]) -> dict[s
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+ENCODER = "org/tiny-encoder"
+
+
+def _encoder_files() -> dict[str, bytes]:
+    """A complete tiny BERT (weights, config, WordPiece tokenizer) that AutoModel / AutoTokenizer load."""
+    import tempfile
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "the", "a", "of"]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.txt").write_text("\n".join(words) + "\n")
+        BertTokenizerFast(vocab_file=str(Path(d) / "vocab.txt")).save_pretrained(Path(d) / "out")
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)
+        BertModel(cfg).save_pretrained(Path(d) / "out")
+        return {p.name: p.read_bytes() for p in (Path(d) / "out").iterdir()}
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """A mirror holding REPO (commit v1 tagged ``v1``, then a second commit on ``main``) and a Hub cache
@@ -83,9 +103,11 @@ def hub(tmp_path_factory):
     v1_files, main_files = _files(1), _files(2)
     repo, v1 = make_mirror_repo(mirrors, REPO, v1_files, lfs=["model.safetensors"], tag="v1")
     main = add_commit(repo, main_files, "second commit", lfs=["model.safetensors"])
+    make_mirror_repo(mirrors, ENCODER, _encoder_files(), lfs=["model.safetensors"], tag="v1")
     cache = root / "hf-cache"
     with OlahMirror(mirrors, root / "olah") as mirror:
-        refs = [REPO, f"{REPO}@main", f"{REPO}@v1", f"{REPO}@{v1}", "org/no-such-repo", f"{REPO}@no-such-branch"]
+        refs = [REPO, f"{REPO}@main", f"{REPO}@v1", f"{REPO}@{v1}", "org/no-such-repo", f"{REPO}@no-such-branch",
+                f"{ENCODER}@v1"]
         results = _download(mirror.endpoint, cache, root / "hf-home", refs)
     yield {"cache": cache, "v1": v1, "main": main, "v1_files": v1_files, "main_files": main_files,
            "results": results}
@@ -192,3 +214,21 @@ def test_local_folder_wins_and_bad_references(tmp_path, monkeypatch):
     with pytest.raises(HubError, match="org/name@revision"):
         split_revision("org/name@")
     assert split_revision("org/name@v1.0") == ("org/name", "v1.0")
+
+
+def test_recipe_takes_a_repo_id_with_revision(offline_cache, tmp_path):
+    """`recipes/atm_text.py --backbone org/name@rev` resolves through the (offline) Hub cache: backbone,
+    tokenizer and model card's base_model."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(offline_cache["cache"]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(root / "recipes" / "atm_text.py"), "--backbone", f"{ENCODER}@v1",
+                           "--pooling", "cls", "--max_train_per_task", "24", "--max_test_per_task", "12",
+                           "--max_length", "16", "--rounds", "1", "--baselines", "False", "--output_dir", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Test accuracy (%)" in proc.stdout
+    card = (out / "README.md").read_text()
+    assert f"{ENCODER}@v1" in card or ENCODER in card
