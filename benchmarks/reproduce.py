@@ -512,7 +512,8 @@ def write_report(a: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Reproducing ATM's claims on the embedded suites", "",
              "Written by `benchmarks/reproduce.py` from the saved results under "
-             f"`{a.work}`; every number below is from those runs.", ""]
+             f"`{a.work}`; every number below is from those runs. Rewrite it from them with "
+             f"`python benchmarks/reproduce.py --report-only --notes reports/notes.md`.", ""]
     if a.notes:
         lines += [Path(a.notes).read_text().strip(), ""]
     for name in a.suites:
