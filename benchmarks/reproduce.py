@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from hf_atm.atm.evaluation import mean_accuracy, normalized_accuracy
+
 METHODS = {  # one-shot merges and their parameters (the papers' usual settings); scale tuned on validation
     "task_arithmetic": {},
     "ties": {"density": 0.2},
@@ -143,14 +145,14 @@ def run_atm(suite: Suite, seed: int, out: Path, rounds: int, epochs: float, *, m
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    final = _test_acc(trainer)  # PA: the last round; PH: the selected round (restored)
+    final = per_round[trainer.best_round]  # PA: the last round; PH: the selected round (restored by train())
     return {"rounds": rounds, "epochs_per_round": epochs, "test_by_round": per_round, "test": final,
             "select_by_round": [h["mean_accuracy"] for h in trainer.history], "best_round": trainer.best_round,
             "cosine_by_round": [h["mean_cosine"] for h in trainer.history], "seconds": seconds,
             "timing": dict(trainer.timing)}
 
 
-def run_individual_and_merges(suite: Suite, seed: int, budget: int, out: Path, with_ph: int) -> dict[str, Any]:
+def run_individual_and_merges(suite: Suite, seed: int, out: Path, budget: int, with_ph: int) -> dict[str, Any]:
     """Individual fine-tuning at `budget`, every one-shot merge (scale tuned on validation), and, when
     `with_ph` > 0, PH-ATM for `with_ph` rounds from the TA / TIES / TSV-M merges."""
     from hf_atm.atm import finetune_individual, one_shot_merge
@@ -174,15 +176,15 @@ def run_individual_and_merges(suite: Suite, seed: int, budget: int, out: Path, w
         if with_ph and method in PH_STARTS:
             merged_models[method] = m.model
         print(f"[{suite.name} seed {seed} B={budget}] {method}: scale {m.scale:.2f}, test mean "
-              f"{_mean(res[method]['test']):.4f}", flush=True)
+              f"{mean_accuracy(res[method]['test']):.4f}", flush=True)
     for method, start in merged_models.items():
         res[f"ph_{method}"] = run_atm(suite, seed, out / f"ph_{method}", with_ph, 1.0, mode="ph", model=start)
         print(f"[{suite.name} seed {seed}] PH-ATM from {method}: best round {res[f'ph_{method}']['best_round']}, "
-              f"test mean {_mean(res[f'ph_{method}']['test']):.4f}", flush=True)
+              f"test mean {mean_accuracy(res[f'ph_{method}']['test']):.4f}", flush=True)
     return res
 
 
-def run_joint(suite: Suite, seed: int, budget: int, out: Path) -> dict[str, Any]:
+def run_joint(suite: Suite, seed: int, out: Path, budget: int) -> dict[str, Any]:
     from hf_atm.atm import train_joint
 
     t0 = time.perf_counter()
@@ -197,19 +199,20 @@ def plan(budgets: list[int], seeds: list[int], curve_seeds: list[int], split_see
     top = max(budgets)
     units = []
     for seed in seeds:
-        units.append((seed, f"atm_{top}x1", ("atm", top, 1.0)))
+        units.append((seed, f"atm_{top}x1", run_atm, {"rounds": top, "epochs": 1.0}))
         if seed in curve_seeds:  # the theory's other merge: the sum of the task vectors (GD on the sum of
-            units.append((seed, f"atm_{top}x1_sum", ("atm", top, 1.0, 1.0)))  # the losses, as joint training)
-        units.append((seed, f"individual_B{top}", ("individual", top, ph_rounds)))
-        units.append((seed, f"joint_B{top}", ("joint", top)))
+            units.append((seed, f"atm_{top}x1_sum", run_atm,  # the losses, as joint training)
+                          {"rounds": top, "epochs": 1.0, "merge_scale": 1.0}))
+        units.append((seed, f"individual_B{top}", run_individual_and_merges, {"budget": top, "with_ph": ph_rounds}))
+        units.append((seed, f"joint_B{top}", run_joint, {"budget": top}))
         if seed in curve_seeds:
             for b in sorted(budgets):
                 if b != top:
-                    units.append((seed, f"individual_B{b}", ("individual", b, 0)))
-                    units.append((seed, f"joint_B{b}", ("joint", b)))
+                    units.append((seed, f"individual_B{b}", run_individual_and_merges, {"budget": b, "with_ph": 0}))
+                    units.append((seed, f"joint_B{b}", run_joint, {"budget": b}))
         for e in (2, 4, 8, 16):
             if seed in split_seeds and e <= top and top % e == 0:
-                units.append((seed, f"atm_{top // e}x{e}", ("atm", top // e, float(e))))
+                units.append((seed, f"atm_{top // e}x{e}", run_atm, {"rounds": top // e, "epochs": float(e)}))
     return units
 
 
@@ -223,19 +226,14 @@ def run_suite(name: str, a: argparse.Namespace) -> None:
     write_meta(root / "meta.json", a)
     (root / "suite.json").write_text(json.dumps({"settings": settings, "sizes": suite.sizes,
                                                  "labels": suite.labels}, indent=1))
-    for seed, unit, what in plan(a.budgets, a.seeds, a.curve_seeds, a.split_seeds, a.ph_rounds):
+    for seed, unit, run, kwargs in plan(a.budgets, a.seeds, a.curve_seeds, a.split_seeds, a.ph_rounds):
         path = root / f"seed{seed}" / f"{unit}.json"
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         out = root / f"seed{seed}" / f"{unit}.run"
         t0 = time.perf_counter()
-        if what[0] == "atm":
-            res = run_atm(suite, seed, out, what[1], what[2], merge_scale=what[3] if len(what) > 3 else None)
-        elif what[0] == "individual":
-            res = run_individual_and_merges(suite, seed, what[1], out, what[2])
-        else:
-            res = run_joint(suite, seed, what[1], out)
+        res = run(suite, seed, out, **kwargs)
         res["wall_seconds"] = time.perf_counter() - t0
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
@@ -246,14 +244,6 @@ def run_suite(name: str, a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------------
-def _mean(acc: dict[str, float]) -> float:
-    return sum(acc.values()) / len(acc)
-
-
-def _norm(acc: dict[str, float], ref: dict[str, float]) -> float:
-    return sum(acc[t] / ref[t] for t in acc) / len(acc)
-
-
 def _ms(xs: list[float]) -> str:
     """'mean ± sd' in percent (sd over seeds; '-' with one seed)."""
     if not xs:
@@ -276,14 +266,13 @@ def rows_at_budget(res: dict[int, dict[str, Any]], b: int, top: int) -> dict[str
 
     def add(key: str, acc: dict[str, float], ref: dict[str, float]) -> None:
         r = rows.setdefault(key, {"abs": [], "norm": [], "tasks": {}})
-        r["abs"].append(_mean(acc))
-        r["norm"].append(_norm(acc, ref))
+        r["abs"].append(mean_accuracy(acc))
+        r["norm"].append(mean_accuracy(normalized_accuracy(acc, ref)))
         for t, v in acc.items():
             r["tasks"].setdefault(t, []).append(v)
 
     for units in res.values():
         ind = units.get(f"individual_B{b}")
-        atm = units.get(f"atm_{top}x1")
         if ind is None:
             continue
         ref = ind["individual"]["test"]
@@ -291,26 +280,43 @@ def rows_at_budget(res: dict[int, dict[str, Any]], b: int, top: int) -> dict[str
             add(key, ind[key]["test"], ref)
         if f"joint_B{b}" in units:
             add("joint", units[f"joint_B{b}"]["test"], ref)
-        if atm is not None and len(atm["test_by_round"]) > b:
-            add("atm", atm["test_by_round"][b], ref)
-        atm_sum = units.get(f"atm_{top}x1_sum")
-        if atm_sum is not None and len(atm_sum["test_by_round"]) > b:
-            add("atm_sum", atm_sum["test_by_round"][b], ref)
+        for key, unit in (("atm", f"atm_{top}x1"), ("atm_sum", f"atm_{top}x1_sum")):
+            run = units.get(unit)  # ATM at budget b = round b of the longest run
+            if run is not None and len(run["test_by_round"]) > b:
+                add(key, run["test_by_round"][b], ref)
     return rows
 
 
-def _plot_budget_curve(res: dict[int, dict[str, Any]], budgets: list[int], top: int, path: Path, title: str) -> None:
+def _axes() -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    curve_keys = ["atm", "atm_sum", "joint", "individual", *METHODS]
-    for key in curve_keys:
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ncol: int = 1) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_budget_curve(by_b: dict[int, dict[str, dict[str, list]]], path: Path, title: str) -> None:
+    """`by_b`: ``{budget: rows_at_budget(...)}``."""
+    fig, ax = _axes()
+    budgets = sorted(by_b)
+    for key in ["atm", "atm_sum", "joint", "individual", *METHODS]:
         xs, ms, sds = [], [], []
         for b in budgets:
-            r = rows_at_budget(res, b, top).get(key)
+            r = by_b[b].get(key)
             if r and r["abs"]:
                 xs.append(b)
                 ms.append(100 * statistics.fmean(r["abs"]))
@@ -320,36 +326,17 @@ def _plot_budget_curve(res: dict[int, dict[str, Any]], budgets: list[int], top: 
             ax.errorbar(xs, ms, yerr=sds, fmt=style, capsize=3, label=LABELS[key], lw=2 if key == "atm" else 1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("budget B (epochs per task)")
-    ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, title, "budget B (epochs per task)", ncol=2)
 
 
 def _plot_rounds(series: dict[str, list[list[float]]], path: Path, title: str, xlabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for label, runs in series.items():
         n = min(len(r) for r in runs)
         ms = [100 * statistics.fmean(r[i] for r in runs) for i in range(n)]
         sds = [100 * statistics.stdev([r[i] for r in runs]) if len(runs) > 1 else 0.0 for i in range(n)]
         ax.errorbar(range(n), ms, yerr=sds, fmt="-o", capsize=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, title, xlabel)
 
 
 def _verdict(ok: bool | None) -> str:
@@ -386,12 +373,12 @@ def suite_report(name: str, res: dict[int, dict[str, Any]], a: argparse.Namespac
         f"{LABELS[m]} {', '.join(f'{x:.2f}' for x in v)}" for m, v in scales.items()) + ".", ""]
     # budget curve: only seeds that ran every budget, so that every point averages the same seeds
     curve_res = {s: u for s, u in res.items() if all(f"individual_B{b}" in u for b in a.budgets)}
+    by_b = {b: rows_at_budget(curve_res, b, top) for b in sorted(a.budgets)}
     curve = out / f"{name}_budget_curve.png"
-    _plot_budget_curve(curve_res, sorted(a.budgets), top, curve, f"{name} suite: accuracy against budget")
+    _plot_budget_curve(by_b, curve, f"{name} suite: accuracy against budget")
     lines += ["### Budget curve", "", f"![budget curve]({curve.name})", ""]
     lines.append("| method | " + " | ".join(f"B = {b}" for b in sorted(a.budgets)) + " |")
     lines.append("|---" * (len(a.budgets) + 1) + "|")
-    by_b = {b: rows_at_budget(curve_res, b, top) for b in sorted(a.budgets)}
     for key in order:
         cells = [_ms(by_b[b][key]["abs"]) if key in by_b[b] else "-" for b in sorted(a.budgets)]
         lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
@@ -404,13 +391,13 @@ def suite_report(name: str, res: dict[int, dict[str, Any]], a: argparse.Namespac
     for e in (1, 2, 4, 8, 16):
         if e <= top and top % e == 0:
             key = f"atm_{top // e}x{e}"
-            accs = [_mean(u[key]["test"]) for u in split_res.values()]
+            accs = [mean_accuracy(u[key]["test"]) for u in split_res.values()]
             if accs:
                 splits.append((top // e, e, accs))
     lines += [f"### Budget split at B = {top} (seeds {', '.join(map(str, sorted(split_res)))})", "",
               "| rounds x epochs per round | mean test accuracy (%) |", "|---|---|"]
     lines += [f"| {k} x {e} | {_ms(v)} |" for k, e, v in splits]
-    series = {f"{k} x {e}": [[_mean(x) for x in u[f'atm_{k}x{e}']["test_by_round"]] for u in split_res.values()]
+    series = {f"{k} x {e}": [[mean_accuracy(x) for x in u[f'atm_{k}x{e}']["test_by_round"]] for u in split_res.values()]
               for k, e, _ in splits}
     split_png = out / f"{name}_budget_split.png"
     _plot_rounds({k: v for k, v in series.items() if v}, split_png, f"{name}: ATM rounds x epochs (B = {top})",
@@ -427,14 +414,14 @@ def suite_report(name: str, res: dict[int, dict[str, Any]], a: argparse.Namespac
     for m, runs in ph.items():
         if not runs:
             continue
-        start = [_mean(r["test_by_round"][0]) for r in runs]
-        sel = [_mean(r["test"]) for r in runs]
-        best = [max(_mean(x) for x in r["test_by_round"]) for r in runs]
-        last = [_mean(r["test_by_round"][-1]) for r in runs]
+        start = [mean_accuracy(r["test_by_round"][0]) for r in runs]
+        sel = [mean_accuracy(r["test"]) for r in runs]
+        best = [max(mean_accuracy(x) for x in r["test_by_round"]) for r in runs]
+        last = [mean_accuracy(r["test_by_round"][-1]) for r in runs]
         lines.append(f"| {LABELS[m]} | {_ms(start)} | {', '.join(str(r['best_round']) for r in runs)} | "
                      f"{_ms(sel)} | {_ms(best)} | {_ms(last)} |")
     ph_png = out / f"{name}_ph_atm.png"
-    _plot_rounds({f"PH-ATM from {LABELS[m]}": [[_mean(x) for x in r["test_by_round"]] for r in runs]
+    _plot_rounds({f"PH-ATM from {LABELS[m]}": [[mean_accuracy(x) for x in r["test_by_round"]] for r in runs]
                   for m, runs in ph.items() if runs}, ph_png, f"{name}: PH-ATM test accuracy by round",
                  "round (0 = the one-shot merge)")
     lines += ["", f"![PH-ATM]({ph_png.name})", ""]
@@ -469,9 +456,9 @@ def suite_report(name: str, res: dict[int, dict[str, Any]], a: argparse.Namespac
     gains, selected, drifts = [], [], []
     for runs in ph.values():
         for r in runs:
-            accs = [_mean(x) for x in r["test_by_round"]]
+            accs = [mean_accuracy(x) for x in r["test_by_round"]]
             gains.append(max(accs[1:]) - accs[0] if len(accs) > 1 else 0.0)
-            selected.append(_mean(r["test"]) - accs[0])
+            selected.append(mean_accuracy(r["test"]) - accs[0])
             drifts.append(max(accs) - accs[-1])
     if gains:
         g, sg, d = statistics.fmean(gains), statistics.fmean(selected), statistics.fmean(drifts)
