@@ -68,13 +68,12 @@ metrics = trainer.evaluate(split="test", metric_key_prefix="test")
 rows.append(accuracy_row(f"ATM ({args.rounds} x {args.epochs_per_round:g} ep)",
                          test_accuracy(metrics, sorted(labels)), reference))
 
-# 4. Save (Hub-ready folder with card, history.json and plots), print the table, push if asked.
+# 4. Save (Hub-ready folder with card, history.json and plots; with --push_to_hub also uploaded), print the
+# table. save_model is collective, like Trainer's: every process calls it, the main one writes.
+trainer.save_model(args.output_dir)
 if trainer.is_world_process_zero():
-    trainer.save_model(args.output_dir)
     table = format_table(rows)
     Path(args.output_dir, "results.md").write_text(table + "\n")
     Path(args.output_dir, "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\nTest accuracy (%), " + script.suite + " suite:\n" + table)
     print(f"\nhistory, plots and model: {args.output_dir}")
-if args.push_to_hub:
-    trainer.push_to_hub()

@@ -36,17 +36,37 @@ def _check_outputs(proc: subprocess.CompletedProcess, out: Path, tasks: set[str]
     assert (out / "config.json").exists() and (out / "README.md").exists()
 
 
-def test_vision_recipe_runs_with_a_given_backbone(tmp_path):
+VISION_TASKS = {"digits", "fashion10", "fashion_coarse", "fashion_tops"}
+
+
+def _tiny_vit(folder: Path) -> Path:
     from transformers import ViTConfig, ViTModel
 
-    vit = tmp_path / "tiny-vit"
     cfg = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=16, num_hidden_layers=1,
                     num_attention_heads=2, intermediate_size=32)
-    ViTModel(cfg, add_pooling_layer=False).save_pretrained(vit)
-    out = tmp_path / "out"
-    proc = _run("atm_vit.py", "--backbone", str(vit), "--max_train_per_task", "40", "--max_test_per_task", "20",
-                "--rounds", "1", "--output_dir", str(out))
-    _check_outputs(proc, out, {"digits", "fashion10", "fashion_coarse", "fashion_tops"})
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def _vision_options(tmp_path: Path) -> list[str]:
+    return ["--backbone", str(_tiny_vit(tmp_path / "tiny-vit")), "--max_train_per_task", "40",
+            "--max_test_per_task", "20", "--rounds", "1", "--output_dir", str(tmp_path / "out")]
+
+
+def test_vision_recipe_runs_with_a_given_backbone(tmp_path):
+    proc = _run("atm_vit.py", *_vision_options(tmp_path))
+    _check_outputs(proc, tmp_path / "out", VISION_TASKS)
+
+
+def test_vision_recipe_runs_on_two_processes(tmp_path):
+    """The README's `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` form (gloo): the tasks
+    are split over the ranks and every rank takes part in saving (save_model is collective)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "atm_vit.py"),
+                           *_vision_options(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _check_outputs(proc, tmp_path / "out", VISION_TASKS)
 
 
 def test_text_recipe_runs_on_the_bundled_minilm(tmp_path):
