@@ -17,34 +17,46 @@ from hf_atm.errors import HfAtmError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
-_METHODS_HELP = "average, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, tsv, iso_c"
-
-
 def add_merge_parser(sub: Any) -> None:
     """``hf-atm merge``: every option defaults to 'not given' so that, with --config, only flags override."""
+    from hf_atm.merging.registry import METHODS, methods_help
+
     p = sub.add_parser(
         "merge",
         help="merge checkpoints tensor by tensor (streaming, sharded safetensors out)",
         description=(
             "Merge models into a base, tensor by tensor: tau_i = M_i - BASE, result = BASE + "
             "scale * combine(tau_1..tau_n) (average: the weighted mean of the models). Options may come "
-            "from a YAML file (--config, e.g. OUT_DIR/merge_config.yaml of an earlier merge); flags given "
-            "with it override its values."
+            "from a YAML file (--config: OUT_DIR/merge_config.yaml of an earlier merge, or a mergekit YAML); "
+            "flags given with it override its values. Per-model values, layer gradients and name filters are "
+            "given in the YAML."
         ),
+        epilog=methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", metavar="YAML", help="read the options from this YAML file")
-    p.add_argument("--base", metavar="BASE", help="base model: local folder or Hub repo id[@revision]")
+    p.add_argument("--base", metavar="BASE", help="base model: local folder or Hub repo id[@revision] (default for "
+                   "LoRA adapters: the base their adapter_config.json names)")
     p.add_argument("--models", metavar="M", nargs="+", help="models to merge: local folders or Hub repo ids")
-    p.add_argument("--method", metavar="METHOD", help=f"merge method: {_METHODS_HELP}")
+    p.add_argument("--method", metavar="METHOD", help=f"merge method: {', '.join(METHODS)} (see below)")
     p.add_argument("--output", metavar="OUT_DIR", help="output folder (must be empty unless --overwrite)")
     p.add_argument("--weights", metavar="W", nargs="+", type=float, help="one weight per model (default 1)")
     p.add_argument("--scale", metavar="LAMBDA", type=float, help="scale of the combined task vectors (default 1)")
-    p.add_argument("--density", metavar="D", type=float, help="kept fraction in (0, 1] (ties, dare, breadcrumbs)")
-    p.add_argument("--gamma", metavar="G", type=float, help="dropped top fraction (breadcrumbs)")
-    p.add_argument("--seed", metavar="S", type=int, help="seed of DARE's masks (default 0)")
+    p.add_argument("--density", metavar="D", type=float,
+                   help="kept fraction in (0, 1] (ties 0.2, dare_* 0.5, della* 0.5, breadcrumbs* 0.9 by default)")
+    p.add_argument("--gamma", metavar="G", type=float, help="dropped top fraction (breadcrumbs*, default 0.01)")
+    p.add_argument("--epsilon", metavar="E", type=float,
+                   help="DELLA: keep probabilities span density +- epsilon (default 0.15)")
+    p.add_argument("--t", metavar="T", type=float, help="SLERP: 0 = the base, 1 = the model (default 0.5)")
+    p.add_argument("--seed", metavar="S", type=int, help="seed of DARE's / DELLA's masks (default 0)")
     p.add_argument("--majority-sign", dest="majority_sign_method", choices=["total", "frequency"],
                    help="TIES sign election (default total)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction,
+                   help="divide by the sum of the (agreeing) weights, as mergekit's normalize (default off)")
+    p.add_argument("--tokenizer-source", metavar="SOURCE",
+                   help="base, union or one of --models: the output's tokenizer; embedding and LM-head rows are "
+                        "aligned by token (default: the vocabularies must match; the base's tokenizer)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="cast floating tensors of the output (default: keep the base's dtype per tensor)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="largest output shard, e.g. 2GB, 500MB (default 5GB)")
@@ -71,7 +83,7 @@ def merge_config_from_args(args: argparse.Namespace) -> Any:
     from hf_atm.merging.config import MergeConfig, load_yaml_options
     from hf_atm.merging.spec import MergeSpec
 
-    not_config = {"func", "_parser", "command", "config", "output_format", "rank", *PUSH_ARG_DESTS}
+    not_config = {"func", "_parser", "command", "config", *PUSH_ARG_DESTS}
     given = {k: v for k, v in vars(args).items() if k not in not_config}
     options: dict[str, Any] = load_yaml_options(args.config) if "config" in vars(args) else {}
     if "method" in given and given["method"] != options.get("method", given["method"]):
@@ -79,11 +91,11 @@ def merge_config_from_args(args: argparse.Namespace) -> Any:
             applicable = set(MergeSpec(method=given["method"]).to_dict()) | {"weights", "seed"}
         except HfAtmError:
             applicable = set()
-        spec_keys = {"scale", "density", "gamma", "seed", "majority_sign_method"}
+        spec_keys = {"scale", "density", "gamma", "epsilon", "t", "seed", "majority_sign_method", "normalize"}
         options = {k: v for k, v in options.items() if k not in spec_keys or k in applicable}
     options.update(given)
     if "config" not in vars(args):
-        missing = [f"--{k}" for k in ("base", "models", "method", "output") if k not in options]
+        missing = [f"--{k}" for k in ("models", "method", "output") if k not in options]
         if missing:
             raise _UsageError(f"the following arguments are required without --config: {', '.join(missing)}")
     return MergeConfig.from_dict(options)
@@ -103,19 +115,26 @@ def run_merge_command(args: argparse.Namespace) -> int:
     from hf_atm.hub.push import push_from_args
     from hf_atm.merging.engine import run_merge
 
-    fmt, rank = getattr(args, "output_format", "full"), getattr(args, "rank", None)
-    if fmt == "lora" and rank is None:
+    fmt, rank = getattr(args, "output_format", None), getattr(args, "rank", None)
+    if fmt == "lora" and rank is None and "config" not in vars(args):
         raise _UsageError("--output-format lora needs --rank R")
-    if fmt != "lora" and rank is not None:
+    if fmt == "full" and rank is not None:
         raise _UsageError("--rank applies only with --output-format lora")
     config = merge_config_from_args(args)
-    if fmt == "lora":
+    if config.output_format == "lora":
         from hf_atm.lora.export import merge_adapters_to_lora
 
-        out = merge_adapters_to_lora(config.base, config.models, config.spec, config.output, rank,
+        base = config.base
+        if base is None:
+            from hf_atm.hub.resolve import resolve_model
+            from hf_atm.merging.engine import infer_adapter_base
+
+            paths = [resolve_model(m, allow_pickle=config.allow_pickle) for m in config.models]
+            base = infer_adapter_base(config.models, paths)
+        out = merge_adapters_to_lora(base, config.models, config.spec, config.output, config.rank,
                                      overwrite=config.overwrite, progress=config.progress,
                                      allow_pickle=config.allow_pickle)
-        print(f"merged {len(config.models)} adapters into the rank-{rank} LoRA adapter {out}")
+        print(f"merged {len(config.models)} adapters into the rank-{config.rank} LoRA adapter {out}")
     else:
         result = run_merge(config)
         out = result.output

@@ -22,7 +22,7 @@ from hf_atm.merging.spec import (
 )
 
 NAME = "encoder.layer.0.attention.self.query.weight"
-SUM_METHODS = ("average", "task_arithmetic", "dare_linear", "breadcrumbs")
+SUM_METHODS = ("average", "linear", "task_arithmetic", "dare_linear", "breadcrumbs", "della_linear")
 
 
 def _rand(shape, n, seed=0, dtype=torch.float32):
@@ -68,7 +68,7 @@ def test_bad_options_raise_merge_config_error_naming_the_option(kwargs, n, optio
 
 def test_error_messages_list_what_is_known():
     with pytest.raises(MergeConfigError) as e:
-        MergeSpec(method="slerp").validate(2)
+        MergeSpec(method="frobnicate").validate(2)
     assert all(m in str(e.value) for m in METHODS)
     with pytest.raises(MergeConfigError) as e:
         MergeSpec(method="tsv", density=0.5).validate(2)
@@ -78,14 +78,17 @@ def test_error_messages_list_what_is_known():
 @pytest.mark.parametrize("method", METHODS)
 def test_defaults_are_valid_for_every_method(method):
     spec = MergeSpec(method=method)
-    spec.validate(3)
+    spec.validate({"slerp": 1}.get(method, 3))
     assert spec.effective_density == {
         "ties": 0.2,
         "dare_linear": 0.5,
         "dare_ties": 0.5,
         "breadcrumbs": 0.9,
+        "breadcrumbs_ties": 0.9,
+        "della": 0.5,
+        "della_linear": 0.5,
     }.get(method)
-    assert spec.effective_gamma == (0.01 if method == "breadcrumbs" else None)
+    assert spec.effective_gamma == (0.01 if method.startswith("breadcrumbs") else None)
 
 
 def test_weights_list_becomes_tuple_and_unhashable_is_reported():
@@ -99,16 +102,22 @@ def test_weights_list_becomes_tuple_and_unhashable_is_reported():
 # ------------------------------------------------------------------------------------------- dict round trip
 @pytest.mark.parametrize("method", METHODS)
 def test_to_dict_round_trip_through_yaml(method):
-    spec = MergeSpec(method=method, weights=(0.5, 1.5))
+    n = 1 if method == "slerp" else 2
+    weights = None if method in ("slerp", "model_stock") else (0.5, 1.5)
+    spec = MergeSpec(method=method, weights=weights)
     d = spec.to_dict()
     again = MergeSpec.from_dict(yaml.safe_load(yaml.safe_dump(d)))
-    again.validate(2)
+    again.validate(n)
     assert again.to_dict() == d
-    assert ("density" in d) == (method in ("ties", "dare_linear", "dare_ties", "breadcrumbs"))
-    assert ("gamma" in d) == (method == "breadcrumbs")
-    assert ("majority_sign_method" in d) == (method in ("ties", "dare_ties"))
-    assert ("seed" in d) == method.startswith("dare")
-    assert ("scale" in d) == (method != "average")
+    assert ("density" in d) == (
+        method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+    )
+    assert ("gamma" in d) == method.startswith("breadcrumbs")
+    assert ("epsilon" in d) == method.startswith("della")
+    assert ("t" in d) == (method == "slerp")
+    assert ("majority_sign_method" in d) == (method in ("ties", "dare_ties", "breadcrumbs_ties", "della"))
+    assert ("seed" in d) == (method.startswith("dare") or method.startswith("della"))
+    assert ("scale" in d) == (method not in ("average", "linear", "slerp"))
 
 
 def test_from_dict_unknown_keys_named():
@@ -183,13 +192,17 @@ def test_merge_deltas_shape_and_dtype_errors_name_the_tensor():
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_tensor_keeps_dtype_and_matches_float32_contract(dtype, method):
     base = _rand((12, 10), 1, seed=7)[0]
-    models = [base + 0.1 * t for t in _rand((12, 10), 3, seed=8)]
+    n = 1 if method == "slerp" else 3
+    models = [base + 0.1 * t for t in _rand((12, 10), n, seed=8)]
     base_d, models_d = base.to(dtype), [m.to(dtype) for m in models]
-    spec = MergeSpec(method=method, weights=(1.0, 0.5, 2.0))
+    weights = None if method in ("slerp", "model_stock") else (1.0, 0.5, 2.0)
+    spec = MergeSpec(method=method, weights=weights)
     out = merge_tensor(spec, base_d, models_d, NAME)
     assert out.dtype == dtype and out.shape == base.shape
     b32 = base_d.float()
-    if method == "average":
+    if method == "slerp":
+        ref = M.slerp(b32, models_d[0].float(), 0.5)
+    elif method in ("average", "linear"):
         ref = sum(w * m.float() for w, m in zip(spec.weights, models_d)) / 3.5
     else:
         ref = b32 + merge_deltas(spec, [m.float() - b32 for m in models_d], NAME)
@@ -232,16 +245,16 @@ def test_merge_tensor_errors_name_the_tensor():
 def test_needs_all_task_vectors():
     assert {m for m in METHODS if not needs_all_task_vectors(m)} == set(SUM_METHODS)
     with pytest.raises(MergeConfigError, match="method"):
-        needs_all_task_vectors("slerp")
+        needs_all_task_vectors("frobnicate")
 
 
 @pytest.mark.parametrize("method", SUM_METHODS)
 @pytest.mark.parametrize("weights", [None, (0.5, 2.0, -1.0)])
 def test_per_task_transform_sums_to_merge_deltas(method, weights):
-    if method == "average" and weights is not None:
+    if method in ("average", "linear") and weights is not None:
         weights = (0.5, 2.0, 1.0)
     taus = _rand((25, 20), 3, seed=11)
-    scale = 1.0 if method == "average" else 0.6
+    scale = 1.0 if method in ("average", "linear") else 0.6
     spec = MergeSpec(method=method, weights=weights, scale=scale, seed=5)
     parts = [per_task_transform(spec, t, i, NAME, num_models=3) for i, t in enumerate(taus)]
     assert_close(scale * (parts[0] + parts[1] + parts[2]), merge_deltas(spec, taus, NAME))

@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hf_atm.errors import MergeConfigError
-from hf_atm.merging.spec import METHODS, MergeSpec
+from hf_atm.merging.registry import METHODS, get_method
+from hf_atm.merging.spec import MergeSpec
 
-__all__ = ["ATM_MODES", "ATMConfig"]
+__all__ = ["ATM_MERGE_METHODS", "ATM_MODES", "ATMConfig"]
+
+#: the merge methods that work on task vectors alone, so inside ATM rounds (all but slerp).
+ATM_MERGE_METHODS: tuple[str, ...] = tuple(m for m in METHODS if get_method(m).in_atm)
 
 ATM_MODES = ("pa", "ph")
 
@@ -44,7 +48,7 @@ class ATMConfig(TrainingArguments):
     )
     merge_method: str = field(
         default="task_arithmetic",
-        metadata={"help": "Merge applied to the round's task vectors.", "choices": list(METHODS)},
+        metadata={"help": "Merge applied to the round's task vectors.", "choices": list(ATM_MERGE_METHODS)},
     )
     merge_scale: float | None = field(
         default=None,
@@ -122,9 +126,10 @@ class ATMConfig(TrainingArguments):
             )
         if self.merge_scale is not None and self.merge_method == "average" and self.merge_scale != 1.0:
             raise MergeConfigError("merge_scale: method 'average' takes no scale; leave it unset")
-        if self.merge_method not in METHODS:
+        if self.merge_method not in ATM_MERGE_METHODS:
             raise MergeConfigError(
-                f"merge_method: unknown merge method {self.merge_method!r}; known: {', '.join(METHODS)}"
+                f"merge_method: {self.merge_method!r} cannot merge task vectors inside ATM rounds; "
+                f"known: {', '.join(ATM_MERGE_METHODS)}"
             )
         n = len(self.merge_weights) if self.merge_weights is not None else 1
         self.merge_spec(n)  # validates density / gamma / weights / scale, naming the option

@@ -16,7 +16,40 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from hf_atm.hub.resolve import is_local_reference, split_revision
 
-__all__ = ["hub_repo_id", "merge_model_card"]
+__all__ = ["architectures_of", "auto_class_for", "hub_repo_id", "merge_model_card"]
+
+# The Auto class and pipeline task of an architecture name's suffix (first match wins); the bare backbone last.
+_HEADS: tuple[tuple[str, str, str | None], ...] = (
+    ("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
+    ("LMHeadModel", "AutoModelForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "text2text-generation"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
+    ("ForImageClassification", "AutoModelForImageClassification", "image-classification"),
+)
+
+
+def architectures_of(folder: str | Path) -> list[str]:
+    """A model folder's config.json ``architectures`` (empty when absent or unreadable): they name the class the
+    card's snippet loads."""
+    import json
+
+    try:
+        return list(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def auto_class_for(architectures: Sequence[str] | None) -> tuple[str, str | None]:
+    """(transformers Auto class, pipeline task or None) for a config's ``architectures``: the class that keeps the
+    architecture's head (``AutoModelForCausalLM`` for ``LlamaForCausalLM``), ``AutoModel`` and None otherwise."""
+    for arch in architectures or ():
+        for suffix, auto, task in _HEADS:
+            if arch.endswith(suffix):
+                return auto, task
+    return "AutoModel", None
 
 _SECRET = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
@@ -56,12 +89,16 @@ def merge_model_card(
     revisions: Mapping[str, str] | None = None,
     library_name: str = "transformers",
     version: str | None = None,
+    architectures: Sequence[str] | None = None,
+    use_snippet: str | None = None,
 ) -> ModelCard:
     """The README.md model card of a merge.
 
     `base` / `models` are the references as the user wrote them, `resolved` maps a reference to its local
     folder (to recognise Hub cache snapshots), `revisions` to the Hub commit that was read. `options` are the
-    method's options (``MergeSpec.to_dict()``), `config_yaml` the text of ``merge_config.yaml``. The returned
+    method's options (``MergeSpec.to_dict()``, defaults resolved), `config_yaml` the text of ``merge_config.yaml``.
+    `architectures` (config.json's) choose the "Use" snippet's Auto class and the ``pipeline_tag``;
+    `use_snippet` replaces the snippet (a merged LoRA adapter is loaded with ``PeftModel``). The returned
     card's metadata has been round-tripped through ``ModelCardData`` (it parses back identically).
     """
     resolved = dict(resolved or {})
@@ -71,11 +108,14 @@ def merge_model_card(
         rid = hub_repo_id(ref, resolved.get(ref))
         if rid is not None and rid not in repo_ids:
             repo_ids.append(rid)
+    auto, task = auto_class_for(architectures)
     data = ModelCardData(
         base_model=repo_ids or None,
         library_name=library_name,
         tags=["merge", "hf_atm", method],
     )
+    if task is not None and use_snippet is None:
+        data["pipeline_tag"] = task
     if repo_ids:  # the relation is only meaningful with the repos it relates to
         data["base_model_relation"] = "merge"
 
@@ -115,8 +155,10 @@ def merge_model_card(
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModel",
-        'model = AutoModel.from_pretrained("path/or/repo-of-this-model")',
+        *(use_snippet.rstrip().splitlines() if use_snippet is not None else [
+            f"from transformers import {auto}",
+            f'model = {auto}.from_pretrained("path/or/repo-of-this-model")',
+        ]),
         "```",
         "",
     ]

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hf_atm.errors import MergeConfigError, OutputExistsError
+from hf_atm.hub.card import architectures_of
 from hf_atm.hub.resolve import resolve_model
 from hf_atm.lora.delta import (
     ADAPTER_CONFIG_NAME,
@@ -195,7 +195,8 @@ def merge_adapters_to_lora(
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _write_card(tmp, str(base_ref), [str(r) for r in adapter_refs], spec, rank, stats)
+        _write_card(tmp, str(base_ref), [str(r) for r in adapter_refs], spec, rank, stats, str(output),
+                    architectures_of(base_path))
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,14 +264,18 @@ def _full_model_tensor(adapter: LoraAdapter, target: tuple[str, Any], base: torc
     return torch.add(base, delta).to(base.dtype)
 
 
-def _write_card(folder: Path, base: str, adapters: list[str], spec: MergeSpec, rank: int, stats: dict) -> None:
-    """merge_config.yaml and README.md: the merge card (library peft) with the rank and its truncation error."""
+def _write_card(folder: Path, base: str, adapters: list[str], spec: MergeSpec, rank: int, stats: dict,
+                output: str, architectures: Sequence[str] = ()) -> None:
+    """merge_config.yaml (a MergeConfig that ``--config`` re-runs) and README.md: the merge card (library peft)
+    with the rank and its truncation error."""
     from hf_atm import __version__
-    from hf_atm.hub.card import merge_model_card
+    from hf_atm.hub.card import auto_class_for, hub_repo_id, merge_model_card
+    from hf_atm.merging.config import MergeConfig
 
     options = {**spec.to_dict(), "output_format": "lora", "rank": rank}
-    record = {"base": base, "models": adapters, **options, "hf_atm_version": __version__}
-    config_yaml = yaml.safe_dump(record, sort_keys=False)
+    auto, _ = auto_class_for(architectures)
+    record = MergeConfig(base=base, models=adapters, output=output, spec=spec, output_format="lora", rank=rank)
+    config_yaml = record.to_yaml(version=__version__)
     (folder / "merge_config.yaml").write_text(config_yaml, encoding="utf-8")
     card = merge_model_card(
         base=base,
@@ -280,14 +285,18 @@ def _write_card(folder: Path, base: str, adapters: list[str], spec: MergeSpec, r
         config_yaml=config_yaml,
         library_name="peft",
         version=__version__,
+        use_snippet=(
+            "from peft import PeftModel\n"
+            f"from transformers import {auto}\n"
+            f'base_model = {auto}.from_pretrained("{hub_repo_id(base) or "path/to/the/base"}")\n'
+            'model = PeftModel.from_pretrained(base_model, "path/or/repo-of-this-adapter")'
+        ),
     )
     worst = stats.get("worst_tensor")
     note = (
         f"\n\n## LoRA output\n\nEach merged delta is stored as a rank-{rank} LoRA (truncated SVD, "
         f"`r = lora_alpha = {rank}`). Largest relative truncation error sigma_(R+1)/sigma_1: "
-        f"{stats.get('max_relative_error', 0.0):.3g}" + (f" (on `{worst}`)." if worst else ".") + "\n\n"
-        "```python\nfrom peft import PeftModel\n"
-        f"model = PeftModel.from_pretrained(base_model, \"path/or/repo-of-this-adapter\")  # base: {base}\n```\n"
+        f"{stats.get('max_relative_error', 0.0):.3g}" + (f" (on `{worst}`)." if worst else ".") + "\n"
     )
     card.text = card.text + note
     card.save(folder / "README.md")

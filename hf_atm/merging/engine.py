@@ -43,7 +43,8 @@ from hf_atm.errors import CheckpointError, MergeConfigError, OutputExistsError
 from hf_atm.hub.resolve import is_local_reference, resolve_model, split_revision
 from hf_atm.merging.config import MergeConfig
 from hf_atm.merging.io import CheckpointReader, ShardedWriter, TensorInfo, iter_chunks
-from hf_atm.merging.spec import SLICED_METHODS, MergeSpec, merge_tensor, plan_tensor
+from hf_atm.merging.registry import METHODS, get_method
+from hf_atm.merging.spec import MergeSpec, merge_tensor, plan_tensor
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -56,8 +57,8 @@ __all__ = [
 ]
 
 #: Methods whose per-tensor result is element-wise in the inputs, so large tensors can be merged in slices
-#: (SLICED_METHODS are too, after a whole-tensor first phase).
-ELEMENTWISE_METHODS: frozenset[str] = frozenset({"average", "task_arithmetic"})
+#: (the registry's ``sliced`` methods are too, after a whole-tensor first phase).
+ELEMENTWISE_METHODS: frozenset[str] = frozenset(m for m in METHODS if get_method(m).elementwise)
 #: Slice size (elements) for element-wise methods: 1M float32 = 4 MB per input, cache-friendly.
 CHUNK_ELEMENTS = 1 << 20
 #: Files copied from the base into the output (top level only); the config is rewritten when --dtype is set.
@@ -161,8 +162,12 @@ def _weights_file(reader: CheckpointReader) -> str:
     return str(reader.folder / index)
 
 
-def _preflight(base: CheckpointReader, models: Sequence[CheckpointReader]) -> None:
-    """Every model has exactly the base's tensor names, the same shapes, and floating dtypes where the base does."""
+def _preflight(base: CheckpointReader, models: Sequence[CheckpointReader],
+               vocab_names: frozenset[str] = frozenset()) -> None:
+    """Every model has exactly the base's tensor names, the same shapes, and floating dtypes where the base does.
+
+    `vocab_names` (aligned by token, see :class:`VocabMerge`) may differ in their number of rows.
+    """
     for r in models:
         for name in base.names:
             if name not in r:
@@ -178,9 +183,17 @@ def _preflight(base: CheckpointReader, models: Sequence[CheckpointReader]) -> No
             )
         for name in base.names:
             b, m = base.info(name), r.info(name)
-            if b.shape != m.shape:
+            same = b.shape == m.shape or (name in vocab_names and tuple(b.shape[1:]) == tuple(m.shape[1:]))
+            if not same:
+                hint = ""
+                if len(b.shape) >= 1 and len(m.shape) == len(b.shape) and b.shape[1:] == m.shape[1:]:
+                    from hf_atm.merging.vocab import is_vocab_tensor_name
+
+                    if is_vocab_tensor_name(name):
+                        hint = (f" (vocabularies of {b.shape[0]} and {m.shape[0]} rows: pass --tokenizer-source "
+                                "base, union or a model to align the rows by token)")
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {b.shape} in {b.file} but {m.shape} in {m.file}"
+                    f"tensor {name!r} has shape {b.shape} in {b.file} but {m.shape} in {m.file}{hint}"
                 )
             if b.dtype.is_floating_point != m.dtype.is_floating_point:
                 raise CheckpointError(
@@ -265,21 +278,29 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 def _stream(
-    spec: MergeSpec,
+    specs: Mapping[str, MergeSpec],
     base: CheckpointReader,
     models: Sequence[CheckpointReader],
     out_dtypes: Mapping[str, torch.dtype],
     writer: ShardedWriter,
     progress: bool,
     chunk_elements: int,
+    vocab: VocabMerge | None = None,
 ) -> None:
-    """Merge every tensor of the base (in its storage order) into `writer`, releasing inputs as it goes."""
-    elementwise = spec.method in ELEMENTWISE_METHODS
-    sliced = spec.method in SLICED_METHODS
+    """Merge every tensor of the base (in its storage order) into `writer` with its own spec (``specs[name]``;
+    one method for all), releasing inputs as it goes. `vocab` merges the vocabulary tensors row-aligned."""
+    record = get_method(next(iter(specs.values())).method) if specs else get_method("task_arithmetic")
+    elementwise = record.elementwise
+    sliced = record.plan is not None
     readers = [base, *models]
     bar = tqdm(total=len(base.names), unit="tensor", desc="merging", disable=not progress, dynamic_ncols=True)
     try:
         for name in base.names:
+            spec = specs[name]
+            if vocab is not None and name in vocab.names:
+                writer.write(name, vocab.merge(spec, name, base, models, out_dtypes[name]))
+                bar.update()
+                continue
             b = base.get(name)
             if not b.is_floating_point():
                 writer.write(name, b)  # non-floating tensors (position ids...) are the base's
@@ -342,7 +363,8 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
     any error nothing is left at ``config.output`` that was not there before.
     """
     from hf_atm import __version__
-    from hf_atm.hub.card import merge_model_card
+    from hf_atm.hub.card import architectures_of, merge_model_card
+    from hf_atm.lora.source import open_model_source
 
     t0 = time.perf_counter()
     config.validate()
@@ -351,45 +373,55 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
     out = Path(config.output).expanduser()
     _check_output(out, config.overwrite)
 
-    base_path, base_rev = _resolve(config.base, config)
-    resolved: dict[str, Path] = {config.base: base_path}
-    revisions: dict[str, str] = {config.base: base_rev} if base_rev else {}
-    model_paths = []
+    model_paths, resolved, revisions = [], {}, {}
     for ref in config.models:
         path, rev = _resolve(ref, config)
         model_paths.append(path)
         resolved[ref] = path
         if rev:
             revisions[ref] = rev
+    if config.base is None:
+        if config.spec.record.needs_base:
+            config = replace(config, base=infer_adapter_base(config.models, model_paths))
+        else:  # average / linear use no base values: the first model gives the layout and the files
+            config = replace(config, base=config.models[0])
+    base_path, base_rev = _resolve(config.base, config)
+    resolved = {config.base: base_path, **resolved}
+    if base_rev:
+        revisions[config.base] = base_rev
     _check_output_vs_inputs(out, resolved)
     if not (base_path / "config.json").is_file():
         raise CheckpointError(f"base {config.base}: {base_path / 'config.json'} is missing (the output needs it)")
 
     with ExitStack() as stack:
-        base = stack.enter_context(CheckpointReader(base_path, allow_pickle=config.allow_pickle, label=config.base))
+        base_reader = stack.enter_context(
+            CheckpointReader(base_path, allow_pickle=config.allow_pickle, label=config.base)
+        )
         # A model may be a peft LoRA adapter folder: it is then read as "base + adapter delta".
-        from hf_atm.lora.source import open_model_source
-
-        models = [
-            stack.enter_context(open_model_source(p, base, allow_pickle=config.allow_pickle, label=ref))
+        model_readers = [
+            stack.enter_context(open_model_source(p, base_reader, allow_pickle=config.allow_pickle, label=ref))
             for ref, p in zip(config.models, model_paths)
         ]
-        _preflight(base, models)
+        base, models = _tie_as_base(base_path, base_reader, model_paths, model_readers)
+        vocab = _plan_vocab(config, base_path, model_paths, base, models)
+        _preflight(base, models, vocab.names if vocab is not None else frozenset())
+        specs = config.parameters.specs(base.names, len(models))
         cast = config.torch_dtype
         out_dtypes = {}
         for name in base.names:
             dt = base.info(name).dtype
             out_dtypes[name] = cast if cast is not None and dt.is_floating_point else dt
-        plan = [(n, out_dtypes[n], base.info(n).shape) for n in base.names]
+        plan = [(n, out_dtypes[n], _output_shape(base, n, vocab)) for n in base.names]
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
         tmp.mkdir()
         writer = ShardedWriter(tmp, plan, config.max_shard_bytes)
         try:
-            _stream(config.spec, base, models, out_dtypes, writer, config.progress, chunk_elements)
+            _stream(specs, base, models, out_dtypes, writer, config.progress, chunk_elements, vocab)
             files = writer.finish()
             _copy_base_files(base_path, tmp, config.dtype)
+            _write_tokenizer(config, tmp, base_path, model_paths, vocab)
             record = replace(config, revisions={**config.revisions, **revisions})
             yaml_text = record.to_yaml(version=__version__)
             (tmp / "merge_config.yaml").write_text(yaml_text, encoding="utf-8")
@@ -397,11 +429,12 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
                 base=config.base,
                 models=config.models,
                 method=config.spec.method,
-                options=config.spec.to_dict(),
+                options={**config.spec.to_dict(), **config.tensor_options},
                 config_yaml=yaml_text,
                 resolved={k: str(v) for k, v in resolved.items()},
                 revisions=record.revisions,
                 version=__version__,
+                architectures=architectures_of(base_path),
             )
             card.save(tmp / "README.md")
             _commit(tmp, out)
@@ -410,6 +443,148 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return MergeResult(out, len(plan), len(files), writer.total_size, time.perf_counter() - t0)
+
+
+def infer_adapter_base(refs: Sequence[str], paths: Sequence[Path]) -> str:
+    """The base every LoRA adapter among `paths` names (``base_model_name_or_path``), for a merge given no base.
+
+    MergeConfigError when a model is not an adapter, names no base, or the adapters name different bases.
+    """
+    from hf_atm.lora.delta import adapter_base_reference, is_adapter_folder
+
+    named: dict[str, str] = {}
+    for ref, path in zip(refs, paths):
+        if not is_adapter_folder(path):
+            raise MergeConfigError(
+                f"base: missing, and model {ref} is not a LoRA adapter naming its base; give --base"
+            )
+        found = adapter_base_reference(path)
+        if not found:
+            raise MergeConfigError(f"base: missing, and adapter {ref} names no base_model_name_or_path; give --base")
+        named[str(ref)] = found
+    if len(set(named.values())) != 1:
+        listed = ", ".join(f"{r}: {b}" for r, b in named.items())
+        raise MergeConfigError(f"base: missing, and the adapters name different bases ({listed}); give --base")
+    return next(iter(named.values()))
+
+
+def _tie_as_base(base_path: Path, base: CheckpointReader, model_paths: Sequence[Path],
+                 models: Sequence[CheckpointReader]) -> tuple[CheckpointReader, list[CheckpointReader]]:
+    """The readers as the output's tying sees them (the base's): see :func:`hf_atm.merging.vocab.tie_reader`."""
+    from hf_atm.merging.vocab import embedding_names, tie_reader, tied_embeddings
+
+    if all(embedding_names(r.names)[1] is None for r in (base, *models)):
+        return base, list(models)  # no checkpoint stores an output head: nothing is tied or untied
+    base_tie = tied_embeddings(base_path, base.names, label=str(base.label))
+    wrapped = [tie_reader(base, base_tie, base_tie)]
+    for path, r in zip(model_paths, models):
+        if not (Path(path) / "config.json").is_file():  # a LoRA adapter: it is read as base + delta
+            wrapped.append(r)
+            continue
+        tie = tied_embeddings(path, r.names, label=str(r.label), base_names=base.names)
+        wrapped.append(tie_reader(r, tie, base_tie))
+    return wrapped[0], wrapped[1:]
+
+
+@dataclass(frozen=True)
+class VocabMerge:
+    """The vocabulary tensors of a ``tokenizer_source`` merge and how their rows line up (a VocabPlan)."""
+
+    plan: object  # hf_atm.merging.vocab.VocabPlan
+    names: frozenset[str]
+
+    def merge(self, spec: MergeSpec, name: str, base: CheckpointReader, models: Sequence[CheckpointReader],
+              out_dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `name` merged row by row: each block of rows with only the models that have its tokens."""
+        from hf_atm.merging.vocab import merge_vocab_tensor
+
+        readers = [base, *models]
+        inputs = [r.get(name) for r in readers]
+        for r, t in zip(readers, inputs):
+            if not _all_finite(t):
+                raise _nonfinite_error(name, t, r.info(name).file)
+        record = spec.record
+
+        def merge_rows(indices: list[int], base_rows: torch.Tensor, model_rows: list[torch.Tensor]) -> torch.Tensor:
+            if len(indices) < record.min_models:  # e.g. model_stock's rows held by one model: its plain mean
+                sub = MergeSpec(method="task_arithmetic", scale=1.0 / len(indices))
+            else:
+                sub = spec.for_models(indices)
+            return _merge_one(sub, base_rows, model_rows, name, out_dtype)
+
+        merged = merge_vocab_tensor(self.plan, name, inputs[0], inputs[1:], merge_rows, out_dtype=out_dtype)
+        for r, t in zip(readers, inputs):
+            r.release(t)
+        return merged
+
+
+def _plan_vocab(config: MergeConfig, base_path: Path, model_paths: Sequence[Path], base: CheckpointReader,
+                models: Sequence[CheckpointReader]) -> VocabMerge | None:
+    """The row alignment of ``config.tokenizer_source`` (None without the option or when nothing differs)."""
+    if config.tokenizer_source is None:
+        return None
+    from hf_atm.merging.vocab import embedding_rows, plan_vocabulary, vocab_tensor_names
+
+    for ref, path in zip(config.models, model_paths):
+        if not (Path(path) / "config.json").is_file():
+            raise MergeConfigError(f"tokenizer_source: model {ref} is a LoRA adapter; its vocabulary is the base's")
+    readers = [base, *models]
+    plan = plan_vocabulary(base_path, model_paths, [str(m) for m in config.models], config.tokenizer_source,
+                           base_label=str(config.base), rows=[embedding_rows(r) for r in readers])
+    if plan is None or not plan.needs_alignment:
+        return VocabMerge(plan, frozenset()) if plan is not None else None
+    return VocabMerge(plan, frozenset(vocab_tensor_names(readers)))
+
+
+def _output_shape(base: CheckpointReader, name: str, vocab: VocabMerge | None) -> tuple[int, ...]:
+    shape = tuple(base.info(name).shape)
+    if vocab is not None and name in vocab.names:
+        return (vocab.plan.num_rows, *shape[1:])  # type: ignore[attr-defined]
+    return shape
+
+
+def _write_tokenizer(config: MergeConfig, dest: Path, base_path: Path, model_paths: Sequence[Path],
+                     vocab: VocabMerge | None) -> None:
+    """The output's tokenizer: the base's (copied with its other files) unless ``tokenizer_source`` names
+    another; then config.json's ``vocab_size`` follows the merged rows. Without the option, a model whose chat
+    template differs from the base's gets a warning (its template is not in the output)."""
+    if vocab is not None:
+        from hf_atm.merging.vocab import output_vocab_size, write_tokenizer
+
+        write_tokenizer(vocab.plan, dest)
+        cfg_path = dest / "config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        size = output_vocab_size(vocab.plan)
+        if cfg.get("vocab_size") != size:
+            cfg["vocab_size"] = size
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return
+    if config.tokenizer_source is not None:
+        return
+    own = _chat_template(base_path)
+    for ref, path in zip(config.models, model_paths):
+        theirs = _chat_template(Path(path))
+        if theirs is not None and theirs != own:
+            warnings.warn(
+                f"model {ref} has its own chat template, which the output does not carry (it has the base's "
+                f"tokenizer files); pass --tokenizer-source {ref} to take that model's tokenizer and template",
+                stacklevel=2,
+            )
+
+
+def _chat_template(folder: Path) -> str | None:
+    """A folder's chat template (chat_template.jinja / .json, or tokenizer_config.json's), or None."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8")
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            value = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            return None
+        return None if value is None else json.dumps(value)
+    return None
 
 
 def merge_checkpoints(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> Path:

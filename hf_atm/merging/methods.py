@@ -2,8 +2,9 @@
 
 Every function takes a sequence of task vectors ``tau_i = M_i - BASE`` of one tensor (same shape, floating)
 and returns ``combine(tau_1..tau_n)``: NOT scaled by the spec's ``scale`` (lambda) and NOT added to the base.
-The one exception is :func:`average`, which takes the model tensors themselves (it is also correct on
-deltas: the weighted mean of deltas plus the base is the weighted mean of the models).
+The exceptions are :func:`average`, which takes the model tensors themselves (it is also correct on
+deltas: the weighted mean of deltas plus the base is the weighted mean of the models), and :func:`slerp`,
+which takes the base and one model tensor and returns the interpolated *model* tensor.
 
 Conventions shared by all functions:
 
@@ -11,15 +12,23 @@ Conventions shared by all functions:
 * Compute dtype: float64 when any input is float64, float32 otherwise (float16 / bfloat16 inputs are
   upcast). The result is in the compute dtype; the dispatcher in :mod:`hf_atm.merging.spec` casts back.
 * The inputs are never modified in place.
-* ``density`` is the kept fraction; trimming keeps ``k = int(density * numel)`` entries (as
+* ``density`` is the kept fraction. Every function / plan taking ``density`` also takes a sequence of
+  densities, one per task vector (mergekit gives each model its own); a plain float means the same density
+  for every task and is bit-identical to a list of equal entries. Likewise ``gamma`` (breadcrumbs) and
+  ``epsilon`` (della). A list of the wrong length is a :class:`MergeConfigError` naming the option.
+* Trimming keeps ``k = int(density * numel)`` entries (as
   ``peft.utils.merge_utils.magnitude_based_pruning`` does), and ``density >= 1`` means no trimming. The
   selection is an exact threshold (:class:`MagnitudeCut`, ``torch.kthvalue``) rather than ``torch.topk``;
   among magnitudes equal to the k-th largest the earliest in flat index order are kept (topk's choice among
   ties is unspecified, so results equal peft's whenever the magnitudes at the cut are distinct).
-* ``ties`` / ``dare_ties`` / ``breadcrumbs`` run in two phases: per-task whole-tensor statistics (cuts, DARE
-  masks; one task vector's magnitudes alive at a time), then an element-wise pass over slices of
-  :data:`SLICE_ELEMENTS` that accumulates task by task (no stacking). The streaming engine runs the same
-  phases on file slices (see :class:`SlicedCombine`), bit-identical to the whole-tensor call.
+* ``ties`` / ``dare_ties`` / ``breadcrumbs`` / ``breadcrumbs_ties`` run in two phases: per-task whole-tensor
+  statistics (cuts, DARE masks; one task vector's magnitudes alive at a time), then an element-wise pass over
+  slices of :data:`SLICE_ELEMENTS` that accumulates task by task (no stacking). The streaming engine runs the
+  same phases on file slices (see :class:`SlicedCombine`), bit-identical to the whole-tensor call.
+* "Sum of independent per-task terms" (noted in each docstring) means ``combine(tau_1..tau_n) =
+  sum_i f_i(tau_i)``, which is what a method needs to run inside ATM rounds or a sharded all-reduce on the
+  deltas one at a time (task arithmetic, dare_linear, breadcrumbs, della_linear); the others need all task
+  vectors of a tensor together, and :func:`slerp` needs the base tensor itself.
 * SVD-based methods (:func:`tsv`, :func:`iso_c`) apply only to 2-D tensors and use
   ``torch.linalg.svd(full_matrices=False)``; other ranks fall back as each docstring states.
 """
@@ -27,6 +36,7 @@ Conventions shared by all functions:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +49,7 @@ __all__ = [
     "KEEP_ALL",
     "SLICE_ELEMENTS",
     "BreadcrumbsCombine",
+    "BreadcrumbsTiesCombine",
     "CutCursor",
     "DareTiesCombine",
     "MagnitudeCut",
@@ -46,23 +57,36 @@ __all__ = [
     "TiesCombine",
     "average",
     "breadcrumbs_plan",
+    "breadcrumbs_ties_plan",
     "dare_ties_plan",
     "magnitude_cut",
     "ties_plan",
     "breadcrumbs",
     "breadcrumbs_mask",
+    "breadcrumbs_ties",
     "compute_dtype",
     "dare_linear",
     "dare_mask",
     "dare_ties",
+    "della",
+    "della_keep_probabilities",
+    "della_linear",
+    "della_prune",
     "iso_c",
+    "l1_rescale",
     "magnitude_trim",
+    "model_stock",
+    "model_stock_ratio",
+    "slerp",
+    "slerp_coefficients",
     "task_arithmetic",
     "ties",
     "tsv",
 ]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+#: A per-method option given once for all tasks (a float) or once per task vector (a sequence of floats).
+PerTask = float | Sequence[float]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -116,9 +140,39 @@ def _check_density(density: float, name: str = "density") -> None:
         raise MergeConfigError(f"{name} must be in (0, 1], got {density}")
 
 
-def _check_gamma(gamma: float) -> None:
+def _check_gamma(gamma: float, name: str = "gamma") -> None:
     if not 0.0 <= gamma < 1.0:
-        raise MergeConfigError(f"gamma must be in [0, 1), got {gamma}")
+        raise MergeConfigError(f"{name} must be in [0, 1), got {gamma}")
+
+
+def _per_task(value: PerTask, n: int, name: str) -> tuple[list[float], bool]:
+    """(one float per task, whether `value` was a sequence); a wrong count is a MergeConfigError naming `name`."""
+    if isinstance(value, numbers.Real):
+        return [float(value)] * n, False
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise MergeConfigError(f"{name} must be a number or a sequence of numbers (one per task), got {value!r}")
+    vals = [float(v) for v in value]
+    if len(vals) != n:
+        raise MergeConfigError(
+            f"{name} has {len(vals)} entries but {n} task vectors were given (one {name} per task)"
+        )
+    return vals, True
+
+
+def _densities(density: PerTask, n: int) -> list[float]:
+    """One validated density in (0, 1] per task (see :func:`_per_task`)."""
+    ds, listed = _per_task(density, n, "density")
+    for i, d in enumerate(ds):
+        _check_density(d, f"density[{i}]" if listed else "density")
+    return ds
+
+
+def _gammas(gamma: PerTask, n: int) -> list[float]:
+    """One validated gamma in [0, 1) per task (see :func:`_per_task`)."""
+    gs, listed = _per_task(gamma, n, "gamma")
+    for i, g in enumerate(gs):
+        _check_gamma(g, f"gamma[{i}]" if listed else "gamma")
+    return gs
 
 
 # ------------------------------------------------------------------------------------------ trimming / masks
@@ -174,11 +228,31 @@ def _generator_list(generator: Generators, n: int) -> list[torch.Generator | Non
     return gens
 
 
-def _dare_drop(tau: Tensor, density: float, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
-    """DARE on one task vector: ``tau * mask / density`` with ``mask = dare_mask(...)`` (fresh tensor)."""
+def _check_rescale(rescale: str | None) -> None:
+    if rescale not in DELLA_RESCALE:
+        raise MergeConfigError(f"rescale must be 'probability', 'l1' or None, got {rescale!r}")
+
+
+def l1_rescale(tau: Tensor, masked: Tensor) -> Tensor:
+    """``masked * (||tau||_1 / ||masked||_1)`` in place (mergekit's ``RescaleNorm.l1``); `masked` unchanged when
+    either norm is below 1e-7."""
+    before, after = tau.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked.mul_(before / after)
+
+
+def _dare_drop(tau: Tensor, density: float, generator: torch.Generator | None, dtype: torch.dtype,
+               rescale: str | None = "probability") -> Tensor:
+    """DARE on one task vector: ``tau * mask`` rescaled by ``1 / density`` (``"probability"``), to the L1 norm of
+    `tau` (``"l1"``) or not at all (None), with ``mask = dare_mask(...)`` (fresh tensor)."""
     mask = dare_mask(tau.shape, density, generator, device=tau.device)
-    # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
-    return (tau.to(dtype) * mask).div_(density)
+    x = tau.to(dtype)
+    if rescale == "probability":
+        # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
+        return (x * mask).div_(density)
+    masked = x * mask
+    return l1_rescale(x, masked) if rescale == "l1" and density < 1.0 else masked
 
 
 # ------------------------------------------------------------------------------- exact magnitude cuts
@@ -321,14 +395,21 @@ class SlicedCombine:
 
 
 def _elect_and_mean_slice(
-    values: Sequence[Tensor], keeps: Sequence[Tensor | None], weights: list[float] | None, majority_sign_method: str
+    values: Sequence[Tensor], keeps: Sequence[Tensor | None], weights: list[float] | None, majority_sign_method: str,
+    normalize: bool | None = None,
 ) -> Tensor:
     """TIES steps 2-3 on one slice, accumulated task by task (element-wise, so slicing never changes a bit).
 
     ``t_i = values_i`` where ``keeps_i`` (all of it when None), else 0. ``total``: s = sign(sum_i t_i);
     ``frequency``: s = sign(sum_i sign(t_i)); s = +1 where that vote is 0. Task i agrees where
-    ``sign(t_i) == s`` (zeros never agree). Result ``sum_i [agree_i] w_i t_i / max(1, #agree)``.
+    ``sign(t_i) == s`` (zeros never agree). Result ``sum_i [agree_i] w_i t_i / max(1, #agree)`` (peft).
+
+    `normalize` True / False selects mergekit's convention instead: the vote runs on the weighted ``w_i t_i``, and
+    the result is ``sum_i [agree_i] w_i t_i`` divided by ``sum_i [agree_i] w_i`` (True; 1 where that is 0) or
+    by nothing (False). With unit weights, True equals peft's.
     """
+    if normalize is not None:
+        return _elect_weighted_slice(values, keeps, weights, majority_sign_method, normalize)
     zero = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
     signs = []
     votes: Tensor | None = None
@@ -353,6 +434,35 @@ def _elect_and_mean_slice(
     return total.div_(count.clamp_(min=1))
 
 
+def _elect_weighted_slice(
+    values: Sequence[Tensor], keeps: Sequence[Tensor | None], weights: list[float] | None, majority_sign_method: str,
+    normalize: bool,
+) -> Tensor:
+    """mergekit's consensus (``generalized_task_arithmetic.get_mask``) on one slice: see :func:`_elect_and_mean_slice`."""
+    zero = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
+    weighted = []
+    votes: Tensor | None = None
+    for i, (v, keep) in enumerate(zip(values, keeps)):
+        t = v if keep is None else torch.where(keep, v, zero)
+        t = t * weights[i] if weights is not None else t.clone()
+        weighted.append(t)
+        term = t if majority_sign_method == "total" else t.sign()
+        votes = term.clone() if votes is None else votes.add_(term)
+    assert votes is not None
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
+    del votes
+    total = torch.zeros_like(elected)
+    divisor = torch.zeros_like(elected) if normalize else None
+    for i, t in enumerate(weighted):
+        agree = t.sign() == elected
+        total.add_(torch.where(agree, t, zero))
+        if divisor is not None:
+            divisor.add_(agree, alpha=1.0 if weights is None else weights[i])
+    if divisor is None:
+        return total
+    return total.div_(torch.where(divisor == 0, 1.0, divisor))
+
+
 def _check_sign_method(majority_sign_method: str) -> None:
     if majority_sign_method not in ("total", "frequency"):
         raise MergeConfigError(
@@ -364,32 +474,47 @@ class TiesCombine(SlicedCombine):
     """Phase 2 of :func:`ties`: trim each task by its cut, elect the sign, disjoint mean (see :func:`ties`)."""
 
     def __init__(self, cuts: Sequence[MagnitudeCut], numel: int, weights: list[float] | None,
-                 majority_sign_method: str) -> None:
+                 majority_sign_method: str, normalize: bool | None = None) -> None:
         super().__init__(numel, weights)
         self.cursors = [CutCursor(c) for c in cuts]
         self.majority_sign_method = majority_sign_method
+        self.normalize = normalize
 
     def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
         # density 1 (a cut that keeps all) skips the magnitudes: the sign election alone, as peft.
         keeps = [None if c.cut.keeps_all else c.mask(t.abs(), start) for c, t in zip(self.cursors, task_slices)]
-        return _elect_and_mean_slice(task_slices, keeps, self.weights, self.majority_sign_method)
+        return _elect_and_mean_slice(task_slices, keeps, self.weights, self.majority_sign_method, self.normalize)
 
 
 class DareTiesCombine(SlicedCombine):
-    """Phase 2 of :func:`dare_ties`: ``d_i = tau_i * m_i / density`` then TIES steps 2-3 (see :func:`dare_ties`)."""
+    """Phase 2 of :func:`dare_ties`: ``d_i = tau_i * m_i / density_i`` then TIES steps 2-3 (see :func:`dare_ties`).
 
-    def __init__(self, masks: Sequence[Tensor], density: float, weights: list[float] | None,
-                 majority_sign_method: str) -> None:
+    `density`: one float for all tasks or one per task (the densities the masks were drawn with).
+    `factors`: instead of ``1 / density_i``, multiply task i's kept entries by ``factors[i]`` (its L1 rescale,
+    computed by :func:`dare_ties_plan` over the whole tensor; 1.0 for no rescale).
+    """
+
+    def __init__(self, masks: Sequence[Tensor], density: PerTask, weights: list[float] | None,
+                 majority_sign_method: str, normalize: bool | None = None,
+                 factors: Sequence[float] | None = None) -> None:
         super().__init__(masks[0].numel(), weights)
         self.masks = [m.reshape(-1) for m in masks]
-        self.density = density
+        self.densities = _per_task(density, len(self.masks), "density")[0]
         self.majority_sign_method = majority_sign_method
+        self.normalize = normalize
+        self.factors = None if factors is None else list(factors)
 
     def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
         stop = start + task_slices[0].numel()
-        # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
-        dropped = [(t * m[start:stop].to(t.device)).div_(self.density) for t, m in zip(task_slices, self.masks)]
-        return _elect_and_mean_slice(dropped, [None] * len(dropped), self.weights, self.majority_sign_method)
+        if self.factors is None:
+            # (tau * mask) / density as peft computes it, so kept entries are exactly tau / density.
+            dropped = [(t * m[start:stop].to(t.device)).div_(d)
+                       for t, m, d in zip(task_slices, self.masks, self.densities)]
+        else:
+            dropped = [(t * m[start:stop].to(t.device)).mul_(f)
+                       for t, m, f in zip(task_slices, self.masks, self.factors)]
+        return _elect_and_mean_slice(dropped, [None] * len(dropped), self.weights, self.majority_sign_method,
+                                     self.normalize)
 
 
 class BreadcrumbsCombine(SlicedCombine):
@@ -400,11 +525,17 @@ class BreadcrumbsCombine(SlicedCombine):
         super().__init__(numel, weights)
         self.cursors = [(CutCursor(top), CutCursor(upto)) for top, upto in cuts]
 
+    def _bands(self, task_slices: Sequence[Tensor], start: int) -> list[Tensor]:
+        """Each task's band mask (bool) on the slice starting at `start` (advances the cursors)."""
+        bands = []
+        for t, (top, upto) in zip(task_slices, self.cursors):
+            mag = t.abs()
+            bands.append(upto.mask(mag, start) & ~top.mask(mag, start))
+        return bands
+
     def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
         out: Tensor | None = None
-        for i, (t, (top, upto)) in enumerate(zip(task_slices, self.cursors)):
-            mag = t.abs()
-            band = upto.mask(mag, start) & ~top.mask(mag, start)
+        for i, (t, band) in enumerate(zip(task_slices, self._bands(task_slices, start))):
             term = t * band
             if self.weights is not None:
                 term.mul_(self.weights[i])
@@ -413,30 +544,68 @@ class BreadcrumbsCombine(SlicedCombine):
         return out
 
 
+class BreadcrumbsTiesCombine(BreadcrumbsCombine):
+    """Phase 2 of :func:`breadcrumbs_ties`: each task's Breadcrumbs band, then TIES steps 2-3 on the banded
+    vectors (sign election and disjoint mean, see :func:`ties`)."""
+
+    def __init__(self, cuts: Sequence[tuple[MagnitudeCut, MagnitudeCut]], numel: int,
+                 weights: list[float] | None, majority_sign_method: str, normalize: bool | None = None) -> None:
+        super().__init__(cuts, numel, weights)
+        self.majority_sign_method = majority_sign_method
+        self.normalize = normalize
+
+    def combine(self, task_slices: Sequence[Tensor], start: int) -> Tensor:
+        bands = self._bands(task_slices, start)
+        return _elect_and_mean_slice(task_slices, bands, self.weights, self.majority_sign_method, self.normalize)
+
+
 def ties_plan(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int,
-              weights: Sequence[float] | None = None, density: float = 0.2,
-              majority_sign_method: str = "total") -> TiesCombine:
-    """Phase 1 of :func:`ties`: one :func:`magnitude_cut` (``k = int(density * numel)``) per task.
+              weights: Sequence[float] | None = None, density: PerTask = 0.2,
+              majority_sign_method: str = "total", normalize: bool | None = None) -> TiesCombine:
+    """Phase 1 of :func:`ties`: one :func:`magnitude_cut` (``k_i = int(density_i * numel)``) per task.
 
     ``magnitude(i)`` returns ``|tau_i|`` (whole tensor); it is called once per task in order and its result
-    dropped before the next call, so one task's magnitudes are alive at a time. Density 1 calls it never.
+    dropped before the next call, so one task's magnitudes are alive at a time. It is never called for a task
+    whose density is 1. `density`: one float for all tasks or one per task.
     """
-    _check_density(density)
+    ds = _densities(density, num_tasks)
     _check_sign_method(majority_sign_method)
-    k = int(density * numel)
-    cuts = [KEEP_ALL if density >= 1.0 else magnitude_cut(magnitude(i), k) for i in range(num_tasks)]
-    return TiesCombine(cuts, numel, _weights(weights, num_tasks), majority_sign_method)
+    cuts = [KEEP_ALL if d >= 1.0 else magnitude_cut(magnitude(i), int(d * numel)) for i, d in enumerate(ds)]
+    return TiesCombine(cuts, numel, _weights(weights, num_tasks), majority_sign_method, normalize)
 
 
 def dare_ties_plan(shape: torch.Size | Sequence[int], num_tasks: int, weights: Sequence[float] | None = None,
-                   density: float = 0.5, majority_sign_method: str = "total",
-                   generator: Generators = None) -> DareTiesCombine:
-    """Phase 1 of :func:`dare_ties`: each task's whole DARE mask, drawn once (bool, 1 byte per entry)."""
-    _check_density(density)
+                   density: PerTask = 0.5, majority_sign_method: str = "total",
+                   generator: Generators = None, normalize: bool | None = None,
+                   rescale: str | None = "probability",
+                   magnitude: Callable[[int], Tensor] | None = None) -> DareTiesCombine:
+    """Phase 1 of :func:`dare_ties`: each task's whole DARE mask, drawn once (bool, 1 byte per entry).
+
+    `density`: one float for all tasks or one per task (task i's mask keeps with probability ``density_i``).
+    `rescale` ``"l1"`` needs ``magnitude(i) = |tau_i|`` (whole tensor, called once per task in order) for each
+    task's factor ``||tau_i||_1 / ||m_i tau_i||_1``; None keeps the kept entries as they are.
+    """
+    ds = _densities(density, num_tasks)
     _check_sign_method(majority_sign_method)
+    _check_rescale(rescale)
     gens = _generator_list(generator, num_tasks)
-    masks = [dare_mask(shape, density, g) for g in gens]
-    return DareTiesCombine(masks, density, _weights(weights, num_tasks), majority_sign_method)
+    masks = [dare_mask(shape, d, g) for d, g in zip(ds, gens)]
+    factors: list[float] | None = None
+    if rescale is None:
+        factors = [1.0] * num_tasks
+    elif rescale == "l1":
+        if magnitude is None:
+            raise MergeConfigError("dare_ties_plan: rescale='l1' needs the task vectors' magnitudes")
+        factors = []
+        for i, (m, d) in enumerate(zip(masks, ds)):
+            if d >= 1.0:
+                factors.append(1.0)
+                continue
+            mag = magnitude(i).reshape(-1)
+            before, after = mag.sum(), (mag * m.reshape(-1).to(mag.device)).sum()
+            factors.append(1.0 if before < 1e-7 or after < 1e-7 else float(before / after))
+            del mag
+    return DareTiesCombine(masks, ds, _weights(weights, num_tasks), majority_sign_method, normalize, factors)
 
 
 def _breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, int]:
@@ -446,22 +615,42 @@ def _breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, 
     return k_top, k_top + k_keep
 
 
-def breadcrumbs_plan(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int,
-                     weights: Sequence[float] | None = None, density: float = 0.9,
-                     gamma: float = 0.01) -> BreadcrumbsCombine:
-    """Phase 1 of :func:`breadcrumbs`: two cuts per task (its top ``k_top`` and its top ``k_top + k_keep``).
-
-    ``magnitude(i)`` returns ``|tau_i|``, called once per task in order (see :func:`ties_plan`).
-    """
-    _check_density(density)
-    _check_gamma(gamma)
-    k_top, k_end = _breadcrumbs_counts(numel, density, gamma)
+def _breadcrumbs_cuts(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int, density: PerTask,
+                      gamma: PerTask) -> list[tuple[MagnitudeCut, MagnitudeCut]]:
+    ds, gs = _densities(density, num_tasks), _gammas(gamma, num_tasks)
     cuts = []
     for i in range(num_tasks):
+        k_top, k_end = _breadcrumbs_counts(numel, ds[i], gs[i])
         mag = magnitude(i)
         cuts.append((magnitude_cut(mag, k_top), magnitude_cut(mag, k_end)))
         del mag  # before the next task's magnitudes are computed
+    return cuts
+
+
+def breadcrumbs_plan(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int,
+                     weights: Sequence[float] | None = None, density: PerTask = 0.9,
+                     gamma: PerTask = 0.01) -> BreadcrumbsCombine:
+    """Phase 1 of :func:`breadcrumbs`: two cuts per task (its top ``k_top`` and its top ``k_top + k_keep``).
+
+    ``magnitude(i)`` returns ``|tau_i|``, called once per task in order (see :func:`ties_plan`). `density` and
+    `gamma`: one float for all tasks or one per task.
+    """
+    cuts = _breadcrumbs_cuts(magnitude, num_tasks, numel, density, gamma)
     return BreadcrumbsCombine(cuts, numel, _weights(weights, num_tasks))
+
+
+def breadcrumbs_ties_plan(magnitude: Callable[[int], Tensor], num_tasks: int, numel: int,
+                          weights: Sequence[float] | None = None, density: PerTask = 0.9,
+                          gamma: PerTask = 0.01, majority_sign_method: str = "total",
+                          normalize: bool | None = None) -> BreadcrumbsTiesCombine:
+    """Phase 1 of :func:`breadcrumbs_ties`: the same two cuts per task as :func:`breadcrumbs_plan`.
+
+    ``magnitude(i)`` returns ``|tau_i|``, called once per task in order (see :func:`ties_plan`). `density` and
+    `gamma`: one float for all tasks or one per task.
+    """
+    _check_sign_method(majority_sign_method)
+    cuts = _breadcrumbs_cuts(magnitude, num_tasks, numel, density, gamma)
+    return BreadcrumbsTiesCombine(cuts, numel, _weights(weights, num_tasks), majority_sign_method, normalize)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -491,8 +680,9 @@ def task_arithmetic(task_vectors: Sequence[Tensor], weights: Sequence[float] | N
 def ties(
     task_vectors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
-    density: float = 0.2,
+    density: PerTask = 0.2,
     majority_sign_method: str = "total",
+    normalize: bool | None = None,
 ) -> Tensor:
     """TIES-Merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023).
 
@@ -508,36 +698,48 @@ def ties(
     non-unit weights alike. Entries where no task agrees (e.g. all zero) are 0. ``density = 1`` skips the trim,
     leaving the sign election and disjoint mean.
 
+    ``normalize`` True / False switches steps 2-3 to mergekit's convention (``generalized_task_arithmetic``):
+    the vote on ``w_i t_i``, and ``sum_i [agree] w_i t_i / sum_i [agree] w_i`` (True) or the plain agreeing
+    sum (False); None (default) is peft's, above. Unit weights and True give the same result as None. `density` may be a sequence, one per task (``t_i`` trimmed to
+    ``int(density_i * numel)`` entries). Not a sum of independent per-task terms (the election couples them).
+
     Computed by :func:`ties_plan` (one ``|tau_i|`` alive at a time) then :meth:`TiesCombine.run` in slices:
     besides the inputs, about one task vector plus a few slice-sized buffers are allocated.
     """
     dtype = _check(task_vectors)
     plan = ties_plan(lambda i: task_vectors[i].to(dtype).abs(), len(task_vectors), task_vectors[0].numel(),
-                     weights, density, majority_sign_method)
+                     weights, density, majority_sign_method, normalize)
     return plan.run(task_vectors, dtype)
 
 
 def dare_linear(
     task_vectors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
-    density: float = 0.5,
+    density: PerTask = 0.5,
     generator: Generators = None,
+    rescale: str | None = "probability",
 ) -> Tensor:
     """DARE + linear sum (Yu et al., "Language Models are Super Mario", ICML 2024): ``sum_i w_i m_i tau_i / density``.
+
+    `density` may be a sequence, one per task (``m_i`` keeps with probability ``density_i`` and task i is
+    rescaled by ``1 / density_i``). A sum of independent per-task terms.
 
     ``m_i = dare_mask(shape, density, g_i)``: each entry kept independently with probability `density` and the
     kept ones rescaled by ``1 / density`` (peft's convention, unbiased: ``E[result] = sum_i w_i tau_i``).
     `generator`: a sequence gives one generator per task (``g_i``, what the dispatcher passes so that the
     mask of task i does not depend on the other tasks); a single generator draws the masks in task order;
-    None uses torch's global RNG. Masks are drawn on the CPU and moved to the tensors' device.
+    None uses torch's global RNG. Masks are drawn on the CPU and moved to the tensors' device. `rescale`:
+    ``"probability"`` (``1 / density``, default), ``"l1"`` (each kept vector scaled back to its task vector's L1
+    norm, mergekit's ``rescale: true``) or None (no rescale).
     """
     dtype = _check(task_vectors)
-    _check_density(density)
+    _check_rescale(rescale)
+    ds = _densities(density, len(task_vectors))
     w = _weights(weights, len(task_vectors))
     gens = _generator_list(generator, len(task_vectors))
     out: Tensor | None = None
     for i, (tau, g) in enumerate(zip(task_vectors, gens)):
-        term = _dare_drop(tau, density, g, dtype)
+        term = _dare_drop(tau, ds[i], g, dtype, rescale)
         if w is not None:
             term.mul_(w[i])
         out = term if out is None else out.add_(term)
@@ -548,27 +750,32 @@ def dare_linear(
 def dare_ties(
     task_vectors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
-    density: float = 0.5,
+    density: PerTask = 0.5,
     majority_sign_method: str = "total",
     generator: Generators = None,
+    normalize: bool | None = None,
+    rescale: str | None = "probability",
 ) -> Tensor:
     """DARE + TIES (Yu et al. 2024; as ``peft.utils.merge_utils.dare_ties``).
 
     ``d_i = m_i tau_i / density`` (the DARE drop/rescale of :func:`dare_linear`, same masks for the same
     generators), then TIES steps 2-3 on the ``d_i``: sign election on the unweighted ``d_i`` and the weighted
-    disjoint mean ``sum_i [sign(d_i) == s] w_i d_i / max(1, #agreeing)`` (see :func:`ties`).
+    disjoint mean ``sum_i [sign(d_i) == s] w_i d_i / max(1, #agreeing)`` (see :func:`ties`). `density` may be
+    a sequence, one per task (``d_i = m_i tau_i / density_i``). Not a sum of independent per-task terms.
+    `rescale`: ``"probability"`` (the ``1 / density`` above, default), ``"l1"`` (``d_i = m_i tau_i ||tau_i||_1 /
+    ||m_i tau_i||_1``, mergekit's ``rescale: true``) or None (``d_i = m_i tau_i``).
     """
     dtype = _check(task_vectors)
     plan = dare_ties_plan(task_vectors[0].shape, len(task_vectors), weights, density, majority_sign_method,
-                          generator)
+                          generator, normalize, rescale, magnitude=lambda i: task_vectors[i].to(dtype).abs())
     return plan.run(task_vectors, dtype)
 
 
 def breadcrumbs(
     task_vectors: Sequence[Tensor],
     weights: Sequence[float] | None = None,
-    density: float = 0.9,
-    gamma: float = 0.01,
+    density: PerTask = 0.9,
+    gamma: PerTask = 0.01,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
     Sparse Masks", ECCV 2024): ``sum_i w_i (tau_i * breadcrumbs_mask(tau_i, density, gamma))``.
@@ -576,11 +783,343 @@ def breadcrumbs(
     Per task vector (over the whole tensor) the ``k_top = int(gamma * numel)`` largest-magnitude entries
     (outliers) are dropped, then the next ``int(density * numel)`` largest are kept and the smallest rest
     dropped. Requires ``gamma + density <= 1`` (validated by the spec; here the kept count is capped).
+    `density` and `gamma` may be sequences, one per task. A sum of independent per-task terms.
     """
     dtype = _check(task_vectors)
     plan = breadcrumbs_plan(lambda i: task_vectors[i].to(dtype).abs(), len(task_vectors),
                             task_vectors[0].numel(), weights, density, gamma)
     return plan.run(task_vectors, dtype)
+
+
+def breadcrumbs_ties(
+    task_vectors: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    density: PerTask = 0.9,
+    gamma: PerTask = 0.01,
+    majority_sign_method: str = "total",
+    normalize: bool | None = None,
+) -> Tensor:
+    """Model Breadcrumbs with TIES (Davari & Belilovsky, ECCV 2024; mergekit's ``breadcrumbs_ties``).
+
+    1. band: ``b_i = tau_i * breadcrumbs_mask(tau_i, density_i, gamma_i)`` (per task over the whole tensor: drop
+       the top ``int(gamma_i * numel)`` magnitudes, keep the next ``int(density_i * numel)``, see
+       :func:`breadcrumbs`);
+    2. elect: ``s = sign(sum_i b_i)`` (``"total"``) or ``sign(sum_i sign(b_i))`` (``"frequency"``), ``+1``
+       where the vote is 0, on the *unweighted* ``b_i``;
+    3. disjoint mean: ``sum_i [sign(b_i) == s] w_i b_i / max(1, #{i : sign(b_i) == s})``.
+
+    Steps 2-3 are exactly :func:`ties` with ``density = 1`` on the ``b_i`` (peft's weighting, see :func:`ties`).
+    `density` and `gamma` may be sequences, one per task. Defaults as :func:`breadcrumbs`. Not a sum of
+    independent per-task terms. Computed by :func:`breadcrumbs_ties_plan` then :meth:`SlicedCombine.run`, so
+    the streaming engine can slice it bit-identically.
+    """
+    dtype = _check(task_vectors)
+    plan = breadcrumbs_ties_plan(lambda i: task_vectors[i].to(dtype).abs(), len(task_vectors),
+                                 task_vectors[0].numel(), weights, density, gamma, majority_sign_method,
+                                 normalize)
+    return plan.run(task_vectors, dtype)
+
+
+# ----------------------------------------------------------------------------------------------- DELLA
+#: DELLA rescaling modes: ``"probability"`` (the paper: kept entries / their keep probability), ``"l1"``
+#: (mergekit 0.1.5's ``rescale: true``: match the task vector's L1 norm) and None (no rescaling).
+DELLA_RESCALE = ("probability", "l1", None)
+
+
+def _della_options(task_vectors: Sequence[Tensor], density: PerTask, epsilon: PerTask,
+                   rescale: str | None) -> tuple[list[float], list[float]]:
+    n = len(task_vectors)
+    ds = _densities(density, n)
+    es, listed = _per_task(epsilon, n, "epsilon")
+    for i, (d, e) in enumerate(zip(ds, es)):
+        _check_della(d, e, f"epsilon[{i}]" if listed else "epsilon")
+    _check_rescale(rescale)
+    return ds, es
+
+
+def _check_della(density: float, epsilon: float, name: str = "epsilon") -> None:
+    """mergekit 0.1.5's rule: for ``density < 1``, ``density - epsilon > 0`` and ``density + epsilon < 1``."""
+    if not epsilon >= 0.0:
+        raise MergeConfigError(f"{name} must be >= 0, got {epsilon}")
+    if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
+        raise MergeConfigError(
+            f"{name}: density +/- epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}"
+        )
+
+
+def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune keep probabilities ``p`` (same shape as `tau`, compute dtype), as mergekit 0.1.5.
+
+    Tensors with fewer than 2 dims are viewed as one row (``(1, numel)``). Along dim 1 (within each row of a
+    matrix; along dim 1 for each index of the other dims of a higher-rank tensor) entries are ranked by
+    ``|tau|`` ascending, ``r = 1..n`` (equal magnitudes: earlier index, lower rank; mergekit's unstable
+    argsort leaves that order unspecified), and ``p = (density - epsilon) + ((r - 1) / (n - 1)) * 2 * epsilon``:
+    linear in the rank from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest), mean
+    ``density`` in every row. A row of one entry (``n = 1``, where mergekit divides 0 by 0) gets
+    ``(density - epsilon) + epsilon``. Ranks are exact integers in the compute dtype (mergekit uses the tensor
+    dtype on GPU, so ranks above 256 round in bfloat16 there) and every step is one IEEE operation, so the
+    probabilities are the same on every device. No validation here (see :func:`della_prune`).
+    """
+    dtype = compute_dtype([tau])
+    x = tau.to(dtype)
+    rows = x.reshape(1, 1) if x.dim() == 0 else (x.unsqueeze(0) if x.dim() == 1 else x)
+    mag = rows.abs()
+    n = mag.shape[1]
+    if n == 1:
+        rank_norm = torch.full_like(mag, 0.5)
+    else:
+        order = torch.argsort(mag, dim=1, stable=True)  # ascending
+        view = [1] * mag.dim()
+        view[1] = n
+        positions = torch.arange(1, n + 1, dtype=order.dtype, device=order.device).view(view).expand_as(order)
+        ranks = torch.empty_like(order).scatter_(1, order, positions).to(dtype)  # argsort(argsort) + 1
+        del order, positions
+        # mergekit: ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1) with min 1 and max n, divided by
+        # a tensor (not a Python scalar, which CUDA turns into a multiplication by the reciprocal).
+        span = torch.tensor(float(n - 1), dtype=dtype, device=ranks.device)
+        rank_norm = ranks.sub_(1).div_(span).clamp_(0, 1)
+    probs = rank_norm.mul_(2).mul_(epsilon).add_(density - epsilon)
+    return probs.view(tau.shape)
+
+
+def della_prune(
+    tau: Tensor,
+    density: float = 0.5,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+    rescale: str | None = "probability",
+) -> Tensor:
+    """DELLA's MagPrune on one task vector (Deep et al., "DELLA-Merging: Reducing Interference in Model
+    Merging through Magnitude-Based Sampling", 2024), in the compute dtype (a fresh tensor).
+
+    ``p = della_keep_probabilities(tau, density, epsilon)``; entry j kept iff ``U_j < p_j`` (``p`` rounded to
+    float32, the precision of ``U``) with ``U = torch.rand(tau.shape, generator)`` drawn on the CPU as
+    :func:`dare_mask` does and moved to `tau`'s device (seeded, device-independent). Then with ``m`` the mask:
+
+    * ``rescale="probability"`` (default, the paper's): ``tau * m / p``, unbiased (``E = tau``);
+    * ``rescale="l1"`` (what mergekit 0.1.5 does with its default ``rescale: true``): ``tau * m *
+      (||tau||_1 / ||tau * m||_1)``, left unscaled when either norm is below 1e-7;
+    * ``rescale=None`` (mergekit's ``rescale: false``): ``tau * m``.
+
+    ``density = 1`` returns `tau` (in the compute dtype) untouched and draws nothing, as mergekit. Validated as
+    mergekit does (no clamping): ``density`` in (0, 1], ``epsilon >= 0`` and, for ``density < 1``,
+    ``0 < density - epsilon`` and ``density + epsilon < 1``. With ``epsilon = 0`` every ``p_j = density`` and
+    the mask is exactly :func:`dare_mask` with the same generator, so ``della_prune`` equals DARE's drop.
+    """
+    dtype = _check([tau])
+    ds, es = _della_options([tau], density, epsilon, rescale)
+    return _della_prune(tau, ds[0], es[0], generator, rescale, dtype)
+
+
+def _della_prune(tau: Tensor, density: float, epsilon: float, generator: torch.Generator | None,
+                 rescale: str | None, dtype: torch.dtype) -> Tensor:
+    x = tau.to(dtype)
+    if density >= 1.0:
+        return x.clone() if x is tau else x
+    probs = della_keep_probabilities(x, density, epsilon)
+    u = torch.rand(tuple(tau.shape), generator=generator, device="cpu", dtype=torch.float32).to(tau.device)
+    keep = u < probs.to(torch.float32)
+    del u
+    masked = x * keep
+    if rescale == "probability":
+        return masked.div_(probs)
+    if rescale == "l1":
+        return l1_rescale(x, masked)
+    return masked
+
+
+def della(
+    task_vectors: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    density: PerTask = 0.5,
+    epsilon: PerTask = 0.15,
+    majority_sign_method: str = "total",
+    generator: Generators = None,
+    rescale: str | None = "probability",
+    normalize: bool | None = None,
+) -> Tensor:
+    """DELLA-Merging (Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling", 2024; mergekit's ``della``): MagPrune, then TIES' election and disjoint mean.
+
+    1. drop: ``d_i = della_prune(tau_i, density_i, epsilon_i, g_i, rescale)`` (keep probabilities linear in the
+       row-wise magnitude rank within ``density_i +- epsilon_i``, kept entries divided by their probability);
+    2. elect: ``s = sign(sum_i d_i)`` (``"total"``) or ``sign(sum_i sign(d_i))`` (``"frequency"``), ``+1``
+       where the vote is 0, on the *unweighted* ``d_i``;
+    3. disjoint mean: ``sum_i [sign(d_i) == s] w_i d_i / max(1, #agreeing)`` (peft's TIES weighting, as
+       :func:`ties`; mergekit elects on ``w_i d_i`` and divides by the sum of the agreeing weights instead:
+       the same for unit weights).
+
+    Defaults: ``epsilon = 0.15`` is mergekit's default; ``density = 0.5`` is this module's DARE default
+    (mergekit's default density is 1, which disables the drop). `density` and `epsilon` may be sequences,
+    one per task. `generator`: one per task (what the dispatcher should pass) or one shared in task order,
+    as :func:`dare_linear`. Not a sum of independent per-task terms; needs the whole tensor (row ranks).
+    """
+    dtype = _check(task_vectors)
+    ds, es = _della_options(task_vectors, density, epsilon, rescale)
+    _check_sign_method(majority_sign_method)
+    w = _weights(weights, len(task_vectors))
+    gens = _generator_list(generator, len(task_vectors))
+    dropped = [_della_prune(t, ds[i], es[i], gens[i], rescale, dtype).reshape(-1)
+               for i, t in enumerate(task_vectors)]
+    # steps 2-3 are element-wise: run them in slices to bound the temporaries (same bits as one call)
+    out = torch.empty_like(dropped[0])
+    for start in range(0, out.numel(), SLICE_ELEMENTS):
+        stop = start + SLICE_ELEMENTS
+        out[start:stop] = _elect_and_mean_slice([d[start:stop] for d in dropped], [None] * len(dropped), w,
+                                                majority_sign_method, normalize)
+    return out.view(task_vectors[0].shape)
+
+
+def della_linear(
+    task_vectors: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    density: PerTask = 0.5,
+    epsilon: PerTask = 0.15,
+    generator: Generators = None,
+    rescale: str | None = "probability",
+) -> Tensor:
+    """Linear DELLA (Deep et al. 2024; mergekit's ``della_linear``): ``sum_i w_i d_i`` with
+    ``d_i = della_prune(tau_i, density_i, epsilon_i, g_i, rescale)`` (see :func:`della`, same defaults and
+    the same ``d_i`` for the same generators).
+
+    No normalisation by the weights (mergekit's ``della_linear`` default ``normalize: false`` too). A sum of
+    independent per-task terms (``d_i`` depends on ``tau_i`` and ``g_i`` only).
+    """
+    dtype = _check(task_vectors)
+    ds, es = _della_options(task_vectors, density, epsilon, rescale)
+    w = _weights(weights, len(task_vectors))
+    gens = _generator_list(generator, len(task_vectors))
+    out: Tensor | None = None
+    for i, (tau, g) in enumerate(zip(task_vectors, gens)):
+        term = _della_prune(tau, ds[i], es[i], g, rescale, dtype)
+        if w is not None:
+            term = term.mul_(w[i])
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Model Stock
+def model_stock_ratio(task_vectors: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """Model Stock's interpolation ratio ``t = N cos / (1 + (N - 1) cos)`` (compute dtype), as mergekit 0.1.5.
+
+    ``cos`` is the mean over pairs ``i < j`` of ``clamp(<tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6), -1, 1)``.
+    ``filter_wise=False``: over the flattened tensors, ``t`` is 0-dim. ``filter_wise=True``: per vector along
+    the last dim (per row of a matrix; tensors of fewer than 2 dims are one row), ``t`` has shape
+    ``(*rows, 1)`` (broadcastable against the tensor; ``(1, 1)`` for a 0-/1-D one). ``t = 0`` where
+    ``|1 + (N - 1) cos| < 1e-6`` (mergekit keeps the base there). Needs at least 2 task vectors.
+    """
+    dtype = _check(task_vectors)
+    n = len(task_vectors)
+    if n < 2:
+        raise MergeConfigError(f"model_stock needs at least 2 task vectors (models besides the base), got {n}")
+    if filter_wise:
+        xs = [t.to(dtype).reshape(1, -1) if t.dim() < 2 else t.to(dtype) for t in task_vectors]
+    else:
+        xs = [t.to(dtype).reshape(-1) for t in task_vectors]
+    cos_thetas = []
+    for i, a in enumerate(xs):
+        for b in xs[i + 1:]:
+            norm_product = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cos_thetas.append(((a * b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (n * cos_theta) / safe)
+    return t if filter_wise else t.reshape(())
+
+
+def model_stock(task_vectors: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
+    """Model Stock (Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024):
+    ``t * mean_i(tau_i)`` with ``t = model_stock_ratio(task_vectors, filter_wise)``.
+
+    So ``BASE + result = t * mean_i(M_i) + (1 - t) * BASE``, mergekit 0.1.5's ``model_stock`` (whose
+    ``filter_wise`` option, default False, this mirrors). Identical task vectors give ``t = 1`` (the result is
+    the task vector); mutually orthogonal ones ``t = 0``. No weights (the method has none). Needs at least 2
+    task vectors (mergekit: a base and at least 2 models). Not a sum of independent per-task terms (``t``
+    depends on every pair); needs the whole tensor.
+    """
+    t = model_stock_ratio(task_vectors, filter_wise)
+    dtype = compute_dtype(task_vectors)
+    mean = _weighted_sum(task_vectors, None, dtype).div_(len(task_vectors))
+    shape = mean.shape
+    if filter_wise and mean.dim() < 2:
+        return (t * mean.reshape(1, -1)).reshape(shape)
+    return t * mean
+
+
+# ------------------------------------------------------------------------------------------------ SLERP
+#: Chunk (elements) in which mergekit 0.1.5's SLERP accumulates its norms and dot for one output tensor.
+_SLERP_CHUNK = 1024 * 1024
+_SLERP_DOT_THRESHOLD = 0.9995
+_SLERP_EPS = 1e-8
+
+
+def _check_t(t: float) -> float:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
+        raise MergeConfigError(f"t must be a number in [0, 1], got {t!r}")
+    return float(t)
+
+
+def slerp_coefficients(base: Tensor, model: Tensor, t: float) -> tuple[float, float]:
+    """The coefficients ``(c_base, c_model)`` of :func:`slerp`: ``slerp(base, model, t) = c_base * base +
+    c_model * model`` (exact floats of the compute dtype; a streaming caller can apply them slice by slice)."""
+    t = _check_t(t)
+    dtype = _check([base, model], "tensors")
+    a, b = base.reshape(1, -1), model.reshape(1, -1)
+    tt = torch.tensor(t, dtype=dtype, device=a.device).reshape(1, 1)
+    if a.shape[1] == 0:
+        return float(1 - tt), float(tt)
+    norm_a_parts, norm_b_parts = [], []
+    for start in range(0, a.shape[1], _SLERP_CHUNK):
+        x = a[:, start:start + _SLERP_CHUNK].to(dtype)
+        y = b[:, start:start + _SLERP_CHUNK].to(dtype)
+        norm_a_parts.append(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+        norm_b_parts.append(torch.linalg.vector_norm(y, dim=1, keepdim=True))
+        del x, y
+    norm_a = torch.linalg.vector_norm(torch.stack(norm_a_parts), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(norm_b_parts), dim=0)
+    norm_a = torch.where(norm_a > _SLERP_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > _SLERP_EPS, norm_b, 1)
+    dot_parts = []
+    for start in range(0, a.shape[1], _SLERP_CHUNK):
+        x = a[:, start:start + _SLERP_CHUNK].to(dtype) / norm_a
+        y = b[:, start:start + _SLERP_CHUNK].to(dtype) / norm_b
+        dot_parts.append((x * y).sum(dim=1, keepdim=True))
+        del x, y
+    dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > _SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return float(coef_a), float(coef_b)
+
+
+def slerp(base: Tensor, model: Tensor, t: float) -> Tensor:
+    """Spherical linear interpolation of two *model* tensors (Shoemake 1985; mergekit's ``slerp``), returning
+    the interpolated tensor itself (not a delta) in the compute dtype.
+
+    Over the whole flattened tensors ``a = base``, ``b = model``: norms ``|a|``, ``|b|`` (a norm ``<= 1e-8``
+    is replaced by 1), ``dot = clamp(<a/|a|, b/|b|>, -1, 1)``; if ``|dot| > 0.9995`` the result is the linear
+    ``(1 - t) a + t b``, else with ``theta = acos(dot)``: ``sin((1 - t) theta) / sin(theta) * a +
+    sin(t theta) / sin(theta) * b`` (the coefficients apply to the *unnormalised* tensors). ``t = 0`` gives
+    `base`, ``t = 1`` gives `model`, bit for bit. `t` must be in [0, 1] (MergeConfigError naming ``t``).
+
+    Bit-identical to mergekit 0.1.5's ``slerp`` for one output tensor: the same float ops, with its norms and
+    dot accumulated over chunks of 2**20 elements (mergekit batching B same-shape tensors uses chunks of
+    ``2**20 // B``, which can move the norms by an ulp). Needs the base tensor, so it cannot run inside ATM
+    rounds on deltas alone; it is not a sum of per-task terms. See :func:`slerp_coefficients`.
+    """
+    c_a, c_b = slerp_coefficients(base, model, t)
+    dtype = compute_dtype([base, model])
+    a, b = base.reshape(-1), model.reshape(-1)
+    out = torch.empty(a.numel(), dtype=dtype, device=a.device)
+    for start in range(0, a.numel(), _SLERP_CHUNK):
+        stop = start + _SLERP_CHUNK
+        out[start:stop] = a[start:stop].to(dtype) * c_a + b[start:stop].to(dtype) * c_b
+    return out.view(base.shape)
 
 
 def tsv(task_vectors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:

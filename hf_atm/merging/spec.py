@@ -4,18 +4,19 @@ The per-tensor contract (docs/ARCHITECTURE.md): for a tensor name, ``tau_i = M_i
 (float64 when an input is float64) and ``result = BASE + scale * combine(tau_1..tau_n)`` cast back to the
 base's dtype; ``average`` is ``sum_i w_i M_i / sum_i w_i``; non-floating tensors are copied from the base.
 
-Determinism: DARE masks are drawn from CPU generators seeded by :func:`tensor_seed` from ``(seed, tensor
+Each method's options, defaults and properties live in its record in :mod:`hf_atm.merging.registry`.
+
+Determinism: DARE / DELLA masks are drawn from CPU generators seeded by :func:`tensor_seed` from ``(seed, tensor
 name, task index)``, so a merge gives the same bits whatever order tensors are visited in, in any process,
 and the same masks on CPU and GPU.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from hf_atm.errors import CheckpointError, MergeConfigError
 from hf_atm.merging import methods as M
+from hf_atm.merging.registry import METHODS, OPTIONS, MethodRecord, get_method, tensor_seed
 
 __all__ = [
     "DEFAULT_DENSITY",
@@ -43,105 +45,148 @@ __all__ = [
     "tensor_seed",
 ]
 
-METHODS: tuple[str, ...] = (
-    "average",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "tsv",
-    "iso_c",
-)
-#: methods that take ``density`` (the kept fraction) and its default when the spec leaves it None.
-DEFAULT_DENSITY: dict[str, float] = {"ties": 0.2, "dare_linear": 0.5, "dare_ties": 0.5, "breadcrumbs": 0.9}
-#: methods that take ``gamma`` (the dropped top fraction) and its default.
-DEFAULT_GAMMA: dict[str, float] = {"breadcrumbs": 0.01}
+# Views of the registry, kept for callers that want plain name tuples.
+DEFAULT_DENSITY: dict[str, float] = {r: get_method(r).default("density") for r in METHODS
+                                     if "density" in get_method(r).options}
+DEFAULT_GAMMA: dict[str, float] = {r: get_method(r).default("gamma") for r in METHODS
+                                   if "gamma" in get_method(r).options}
 DENSITY_METHODS: tuple[str, ...] = tuple(DEFAULT_DENSITY)
 GAMMA_METHODS: tuple[str, ...] = tuple(DEFAULT_GAMMA)
 #: methods with a TIES sign election, the only ones that read ``majority_sign_method``.
-SIGN_METHODS: tuple[str, ...] = ("ties", "dare_ties")
+SIGN_METHODS: tuple[str, ...] = tuple(m for m in METHODS if "majority_sign_method" in get_method(m).options)
 MAJORITY_SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
 #: methods that need whole-tensor statistics (magnitude cuts, DARE masks) but are element-wise given them:
 #: :func:`plan_tensor` computes the statistics, then :meth:`TensorPlan.merge_slice` merges any slices in order.
-SLICED_METHODS: tuple[str, ...] = ("ties", "dare_ties", "breadcrumbs")
-#: methods whose combine is a (weighted) sum of independent per-task transforms.
-_SUM_DECOMPOSABLE: frozenset[str] = frozenset({"average", "task_arithmetic", "dare_linear", "breadcrumbs"})
+SLICED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if get_method(m).sliced)
+#: options that are given once per model or once for all (a list as long as ``models``).
+_PER_MODEL = tuple(o.name for o in OPTIONS.values() if o.per_model and o.name != "weights")
+#: options whose "not given" value is None (the method's default applies).
+_OPTIONAL = ("density", "gamma", "epsilon", "t")
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """A merge method and its parameters.
+    """A merge method and its parameters for one tensor (see :mod:`hf_atm.merging.registry` for each method's
+    options and defaults).
 
     Attributes:
         method: one of :data:`METHODS`.
-        weights: one weight per model (``None``: all 1). For ``average`` they must be >= 0 with a positive sum.
-        scale: lambda, multiplies ``combine(...)``; must be 1.0 for ``average`` (which ignores it).
-        density: kept fraction in (0, 1] for ``ties`` / ``dare_linear`` / ``dare_ties`` / ``breadcrumbs``;
-            ``None`` -> :data:`DEFAULT_DENSITY` (ties 0.2 as in the TIES paper's top-20%, DARE 0.5, breadcrumbs
-            0.9). Giving it to another method is an error.
-        gamma: dropped top fraction in [0, 1) for ``breadcrumbs`` only (default 0.01); ``gamma + density <= 1``.
-            Breadcrumbs' defaults (density 0.9, gamma 0.01) are the values common in mergekit breadcrumbs
-            configs.
-        seed: seeds DARE's masks together with the tensor name and task index (see :func:`tensor_seed`).
-        majority_sign_method: ``"total"`` or ``"frequency"``, read by ``ties`` / ``dare_ties`` only (any other
-            method rejects a value other than the default ``"total"``).
+        weights: one weight per model (``None``: all 1). For ``average`` / ``linear`` they must be >= 0 with a
+            positive sum; ``slerp`` and ``model_stock`` take none.
+        scale: lambda, multiplies ``combine(...)``; must be 1.0 for the methods that return models
+            (``average``, ``linear``, ``slerp``).
+        density: kept fraction in (0, 1] (one value, or one per model); ``None`` -> the method's default
+            (ties 0.2 as in the TIES paper's top-20%, DARE and DELLA 0.5, breadcrumbs 0.9). Giving it to a
+            method that takes none is an error.
+        gamma: dropped top fraction in [0, 1) for the breadcrumbs methods (default 0.01); ``gamma + density <= 1``.
+            Breadcrumbs' defaults (density 0.9, gamma 0.01) are the values common in mergekit breadcrumbs configs.
+        epsilon: DELLA's half-width of the keep probabilities around density (default 0.15, mergekit's).
+        t: SLERP's interpolation factor in [0, 1] (0: the base, 1: the model; default 0.5).
+        rescale: DARE / DELLA: ``"probability"`` (default: kept entries divided by their keep probability, the
+            papers' unbiased rescale), ``"l1"`` (each kept task vector scaled back to its L1 norm: mergekit's
+            ``rescale: true``) or ``"none"``.
+        seed: seeds random masks (DARE, DELLA) together with the tensor name and model index (:func:`tensor_seed`).
+        majority_sign_method: ``"total"`` or ``"frequency"``, read by the TIES-style methods only.
+        normalize: mergekit's ``normalize``. True: divide the combination by the sum of the weights (by the sum of
+            the agreeing weights for TIES-style methods, whose sign is then elected on the weighted vectors, as
+            mergekit does); False: no division (TIES-style: the plain sum of the agreeing weighted entries,
+            mergekit's default for dare_ties / breadcrumbs_ties). None (default): peft's conventions (the
+            TIES-style disjoint mean divides by the count of agreeing tasks), see :mod:`hf_atm.merging.methods`.
     """
 
     method: str = "task_arithmetic"
     weights: tuple[float, ...] | None = None
     scale: float = 1.0
-    density: float | None = None
-    gamma: float | None = None
+    density: float | tuple[float, ...] | None = None
+    gamma: float | tuple[float, ...] | None = None
     seed: int = 0
     majority_sign_method: str = "total"
+    epsilon: float | tuple[float, ...] | None = None
+    t: float | None = None
+    normalize: bool | None = None
+    rescale: str = "probability"
 
     def __post_init__(self) -> None:
         # Lists from YAML become tuples so the spec stays hashable (it is cached per validation).
+        for option in ("weights", *_PER_MODEL):
+            value = getattr(self, option)
+            if isinstance(value, list):
+                try:
+                    object.__setattr__(self, option, tuple(value))
+                except TypeError as e:  # pragma: no cover - tuple() of a list never fails
+                    raise MergeConfigError(f"{option} must be a number or a list of numbers, got {value!r}") from e
         if self.weights is not None and not isinstance(self.weights, tuple):
-            try:
-                object.__setattr__(self, "weights", tuple(self.weights))
-            except TypeError as e:
-                raise MergeConfigError(f"weights must be a list of numbers, got {self.weights!r}") from e
+            raise MergeConfigError(f"weights must be a list of numbers, got {self.weights!r}")
+
+    @property
+    def record(self) -> MethodRecord:
+        """The registry record of :attr:`method` (MergeConfigError when unknown)."""
+        return get_method(self.method)
 
     # -- resolved parameters
-    @property
-    def effective_density(self) -> float | None:
-        """``density``, or the method's default; None for methods that take no density."""
-        if self.method not in DEFAULT_DENSITY:
+    def resolved(self, option: str) -> Any:
+        """``option``'s value, or the method's default; None for an option the method does not read."""
+        record = self.record
+        if option not in record.options:
             return None
-        return DEFAULT_DENSITY[self.method] if self.density is None else float(self.density)
+        value = getattr(self, option)
+        return record.default(option) if value is None else value
 
     @property
-    def effective_gamma(self) -> float | None:
+    def effective_density(self) -> float | tuple[float, ...] | None:
+        """``density``, or the method's default; None for methods that take no density."""
+        d = self.resolved("density")
+        return float(d) if _is_number(d) else d
+
+    @property
+    def effective_gamma(self) -> float | tuple[float, ...] | None:
         """``gamma``, or the method's default; None for methods that take no gamma."""
-        if self.method not in DEFAULT_GAMMA:
-            return None
-        return DEFAULT_GAMMA[self.method] if self.gamma is None else float(self.gamma)
+        g = self.resolved("gamma")
+        return float(g) if _is_number(g) else g
+
+    def for_models(self, indices: Sequence[int]) -> MergeSpec:
+        """This spec restricted to the models at `indices` (their weights and per-model options, in order).
+
+        Used where only some models have a tensor's row (a token missing from a vocabulary). Model indices
+        keep seeding random masks by position in the subset, so a subset merge is itself deterministic.
+        """
+        changes: dict[str, Any] = {}
+        for option in ("weights", *_PER_MODEL):
+            value = getattr(self, option)
+            if isinstance(value, tuple):
+                changes[option] = tuple(value[i] for i in indices)
+        return replace(self, **changes)
 
     def validate(self, num_models: int) -> None:
         """Raise MergeConfigError, naming the option at fault, unless this spec can merge `num_models` models."""
         try:
             hash(self)
         except TypeError as e:  # e.g. weights holding lists: report it instead of failing in the cache
-            raise MergeConfigError(f"merge options must be plain numbers and strings: {e}") from e
+            bad = next((o for o in ("weights", *_PER_MODEL) if _unhashable(getattr(self, o))), "options")
+            raise MergeConfigError(
+                f"{bad}: expected a number or a list of numbers, got {getattr(self, bad, None)!r} ({e})"
+            ) from e
         _validate(self, num_models)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-typed dict for YAML with only the options that apply to the method (defaults resolved)."""
+        record = self.record
         d: dict[str, Any] = {"method": self.method}
         if self.weights is not None:
             d["weights"] = [float(w) for w in self.weights]
-        if self.method != "average":
-            d["scale"] = float(self.scale)
-        if self.method in DENSITY_METHODS:
-            d["density"] = self.effective_density
-        if self.method in GAMMA_METHODS:
-            d["gamma"] = self.effective_gamma
-        if self.method in ("dare_linear", "dare_ties"):
-            d["seed"] = int(self.seed)
-        if self.method in SIGN_METHODS:
-            d["majority_sign_method"] = self.majority_sign_method
+        for option in record.options:
+            value = self.resolved(option)
+            if isinstance(value, tuple):
+                value = [float(v) for v in value]
+            elif option == "seed":
+                value = int(value)
+            elif option == "normalize":
+                if value is None:
+                    continue  # peft's conventions: nothing to record
+                value = bool(value)
+            elif _is_number(value):
+                value = float(value)
+            d[option] = value
         return d
 
     @classmethod
@@ -163,56 +208,101 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _unhashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return True
+    return False
+
+
+def _methods_with(option: str) -> str:
+    return ", ".join(m for m in METHODS if option in get_method(m).options)
+
+
+def _check_values(option: str, value: Any, num_models: int) -> list[Any]:
+    """The values of `option` (one, or one per model), each checked by the registry (MergeConfigError)."""
+    record = OPTIONS[option]
+    if isinstance(value, tuple):
+        if not record.per_model:
+            raise MergeConfigError(f"{option}: expected one number, got a list {list(value)}")
+        if len(value) != num_models:
+            raise MergeConfigError(f"{option} has {len(value)} entries but there are {num_models} models")
+        values = list(value)
+    else:
+        values = [value]
+    for v in values:
+        problem = record.check(v)
+        if problem is not None:
+            raise MergeConfigError(f"{option} must be {problem}, got {v!r}")
+    return values
+
+
 @lru_cache(maxsize=256)
 def _validate(spec: MergeSpec, num_models: int) -> None:
     """The checks behind MergeSpec.validate, cached: the dispatcher calls it once per tensor."""
     m = spec.method
-    if m not in METHODS:
-        raise MergeConfigError(f"method: unknown merge method {m!r}; known methods: {', '.join(METHODS)}")
+    record = get_method(m)
     if not isinstance(num_models, int) or num_models < 1:
         raise MergeConfigError(f"a merge needs at least one model, got {num_models}")
+    if num_models < record.min_models or (record.max_models is not None and num_models > record.max_models):
+        want = (f"exactly {record.min_models}" if record.max_models == record.min_models
+                else f"at least {record.min_models}")
+        raise MergeConfigError(
+            f"models: method {m!r} merges {want} model{'s' if record.min_models != 1 else ''} "
+            f"besides the base, got {num_models}"
+        )
     if spec.weights is not None:
+        if not record.takes_weights:
+            raise MergeConfigError(f"weights: method {m!r} takes no weights")
         if not all(_is_number(w) and math.isfinite(w) for w in spec.weights):
             raise MergeConfigError(f"weights must be finite numbers, got {list(spec.weights)}")
         if len(spec.weights) != num_models:
             raise MergeConfigError(
                 f"weights has {len(spec.weights)} entries but there are {num_models} models"
             )
-        if m == "average" and (any(w < 0 for w in spec.weights) or sum(spec.weights) <= 0):
+        if not record.needs_base and (any(w < 0 for w in spec.weights) or sum(spec.weights) <= 0):
             raise MergeConfigError(
-                f"weights for 'average' must be >= 0 with a positive sum, got {list(spec.weights)}"
+                f"weights for {m!r} must be >= 0 with a positive sum, got {list(spec.weights)}"
             )
     if not _is_number(spec.scale) or not math.isfinite(spec.scale):
         raise MergeConfigError(f"scale must be a finite number, got {spec.scale!r}")
-    if m == "average" and spec.scale != 1.0:
+    if "scale" not in record.options and spec.scale != 1.0:
         raise MergeConfigError(
-            "scale: method 'average' ignores scale (it returns the weighted mean); leave it 1.0"
+            f"scale: method {m!r} ignores scale (it returns {'the weighted mean' if not record.needs_base else 'a model'}"
+            "); leave it 1.0"
         )
-    if spec.density is not None:
-        if m not in DENSITY_METHODS:
-            raise MergeConfigError(
-                f"density: method {m!r} takes no density; only {', '.join(DENSITY_METHODS)} do"
-            )
-        if not _is_number(spec.density) or not 0.0 < spec.density <= 1.0:
-            raise MergeConfigError(f"density must be in (0, 1], got {spec.density!r}")
-    if spec.gamma is not None:
-        if m not in GAMMA_METHODS:
-            raise MergeConfigError(
-                f"gamma: method {m!r} takes no gamma; only {', '.join(GAMMA_METHODS)} does"
-            )
-        if not _is_number(spec.gamma) or not 0.0 <= spec.gamma < 1.0:
-            raise MergeConfigError(f"gamma must be in [0, 1), got {spec.gamma!r}")
-    if m in GAMMA_METHODS:
-        g, dens = spec.effective_gamma, spec.effective_density
-        assert g is not None and dens is not None
-        if g + dens > 1.0 + 1e-12:
-            raise MergeConfigError(f"gamma + density must be <= 1 for {m!r}, got gamma={g} + density={dens}")
+    for option in _OPTIONAL:
+        value = getattr(spec, option)
+        if value is None:
+            continue
+        if option not in record.options:
+            only = _methods_with(option)
+            raise MergeConfigError(f"{option}: method {m!r} takes no {option}; only {only} do")
+        _check_values(option, value, num_models)
+    if spec.normalize is not None and not isinstance(spec.normalize, bool):
+        raise MergeConfigError(f"normalize must be true or false, got {spec.normalize!r}")
+    if spec.normalize is not None and "normalize" not in record.options:
+        raise MergeConfigError(f"normalize: method {m!r} takes no normalize; only {_methods_with('normalize')} do")
+    if "gamma" in record.options:
+        gammas, densities = spec.effective_gamma, spec.effective_density
+        for i in range(num_models):
+            g = gammas[i] if isinstance(gammas, tuple) else gammas
+            dens = densities[i] if isinstance(densities, tuple) else densities
+            if g + dens > 1.0 + 1e-12:
+                raise MergeConfigError(
+                    f"gamma + density must be <= 1 for {m!r}, got gamma={g} + density={dens}"
+                )
+    if OPTIONS["rescale"].check(spec.rescale) is not None:
+        raise MergeConfigError(f"rescale must be one of probability, l1, none, got {spec.rescale!r}")
+    if spec.rescale != "probability" and "rescale" not in record.options:
+        raise MergeConfigError(f"rescale: method {m!r} draws no random mask; only {_methods_with('rescale')} read it")
     if spec.majority_sign_method not in MAJORITY_SIGN_METHODS:
         raise MergeConfigError(
             f"majority_sign_method must be one of {', '.join(MAJORITY_SIGN_METHODS)}, "
             f"got {spec.majority_sign_method!r}"
         )
-    if spec.majority_sign_method != "total" and m not in SIGN_METHODS:
+    if spec.majority_sign_method != "total" and "majority_sign_method" not in record.options:
         raise MergeConfigError(
             f"majority_sign_method: method {m!r} elects no sign; only {', '.join(SIGN_METHODS)} read it"
         )
@@ -220,31 +310,20 @@ def _validate(spec: MergeSpec, num_models: int) -> None:
         raise MergeConfigError(f"seed must be an integer, got {spec.seed!r}")
 
 
-def tensor_seed(seed: int, name: str, index: int | None = None) -> int:
-    """A 63-bit seed from ``(seed, tensor name[, task index])``: the first 8 bytes of
-    ``blake2b(f"{seed}\\x00{name}[\\x00{index}]")`` as a big-endian integer, top bit cleared.
-
-    A pure function of its arguments (no Python ``hash``, no global state), so it is the same in every process
-    and whatever order tensors are merged in; different names or indices give unrelated seeds.
-    """
-    key = f"{int(seed)}\x00{name}" if index is None else f"{int(seed)}\x00{name}\x00{int(index)}"
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _generator(seed: int, name: str, index: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name, index))
-
-
 def needs_all_task_vectors(method: str) -> bool:
-    """Whether `method` needs all task vectors at once (True: ties, dare_ties, tsv, iso_c), or is a weighted sum
-    of independent per-task transforms (False: average, task_arithmetic, dare_linear, breadcrumbs), so that
-    ranks can transform locally with :func:`per_task_transform` and all-reduce the sum."""
-    if method not in METHODS:
-        raise MergeConfigError(
-            f"method: unknown merge method {method!r}; known methods: {', '.join(METHODS)}"
-        )
-    return method not in _SUM_DECOMPOSABLE
+    """Whether `method` needs all task vectors at once (ties, dare_ties, tsv, iso_c, ...), or is a weighted sum
+    of independent per-task transforms (average, task_arithmetic, dare_linear, breadcrumbs, della_linear), so
+    that ranks can transform locally with :func:`per_task_transform` and all-reduce the sum."""
+    return not get_method(method).sum_decomposable
+
+
+def _normalizer(spec: MergeSpec, num_models: int) -> float:
+    """The divisor of ``normalize: true`` for methods without a sign election: the sum of the weights
+    (1 where it is ~0, as mergekit)."""
+    if not spec.resolved("normalize"):
+        return 1.0
+    total = float(num_models) if spec.weights is None else float(sum(spec.weights))
+    return 1.0 if abs(total) < 1e-8 else total
 
 
 def per_task_transform(
@@ -254,40 +333,32 @@ def per_task_transform(
     ``merge_deltas(spec, taus, name) == spec.scale * sum_i per_task_transform(spec, taus[i], i, name, n)``.
 
     Terms: task_arithmetic ``w_i tau_i``; dare_linear ``w_i m_i tau_i / density`` (mask seeded by
-    ``(seed, name, i)``); breadcrumbs ``w_i tau_i * band_i``; average ``(w_i / sum_j w_j) tau_i``. The result is
-    in the compute dtype (float32, float64 for float64 input), unscaled. `num_models` is required for
-    ``average`` without weights (for ``1/n``), otherwise inferred from ``len(weights)`` when given.
+    ``(seed, name, i)``); breadcrumbs ``w_i tau_i * band_i``; della_linear ``w_i tau_i * m_i / p_i``; average
+    ``(w_i / sum_j w_j) tau_i``; with ``normalize`` each term is divided by ``sum_j w_j``. The result is in the
+    compute dtype (float32, float64 for float64 input), unscaled. `num_models` is required for ``average``
+    without weights (for ``1/n``), otherwise inferred from ``len(weights)`` when given.
     Methods that need all task vectors raise MergeConfigError.
     """
-    if needs_all_task_vectors(spec.method):
+    record = get_method(spec.method)
+    if record.per_task is None:
         raise MergeConfigError(
             f"method {spec.method!r} is not a sum of per-task terms; merge it with merge_deltas on all task vectors"
         )
     n = num_models if num_models is not None else (len(spec.weights) if spec.weights is not None else None)
     if n is None:
-        if spec.method == "average":
-            raise MergeConfigError("per_task_transform for 'average' without weights needs num_models")
+        if not record.needs_base or spec.resolved("normalize"):
+            raise MergeConfigError(f"per_task_transform for {spec.method!r} without weights needs num_models")
         n = index + 1
     spec.validate(n)
     if not 0 <= index < n:
         raise MergeConfigError(f"task index {index} out of range for {n} models")
     if not tau.is_floating_point():
         raise CheckpointError(f"tensor {name!r}: task vector has non-floating dtype {tau.dtype}")
-    dtype = M.compute_dtype([tau])
-    w = 1.0 if spec.weights is None else float(spec.weights[index])
-    m = spec.method
-    if m == "average":
-        total = float(n) if spec.weights is None else float(sum(spec.weights))
-        return tau.to(dtype=dtype, copy=True).mul_(w / total)
-    if m == "task_arithmetic":
-        out = tau.to(dtype=dtype, copy=True)
-    elif m == "dare_linear":
-        out = M.dare_linear(
-            [tau], density=spec.effective_density, generator=[_generator(spec.seed, name, index)]
-        )
-    else:  # breadcrumbs
-        out = M.breadcrumbs([tau], density=spec.effective_density, gamma=spec.effective_gamma)
-    return out if w == 1.0 else out.mul_(w)
+    out = record.per_task(spec, tau, index, name, n)
+    if record.on_models:  # average's terms carry w_i / sum w already
+        return out
+    factor = (1.0 if spec.weights is None else float(spec.weights[index])) / _normalizer(spec, n)
+    return out if factor == 1.0 else out.mul_(factor)
 
 
 def _check_shapes(
@@ -304,39 +375,37 @@ def _check_shapes(
 def merge_deltas(spec: MergeSpec, task_vectors: Sequence[Tensor], name: str = "") -> Tensor:
     """``spec.scale * combine(task_vectors)`` for one tensor, in float32 (float64 if an input is float64).
 
-    For ``average`` the weighted mean of the deltas (so ``base + merge_deltas(...)`` is the weighted mean of
-    the models). DARE masks come from per-task CPU generators seeded by ``tensor_seed(spec.seed, name, i)``.
+    For ``average`` / ``linear`` the weighted mean of the deltas (so ``base + merge_deltas(...)`` is the
+    weighted mean of the models). Random masks come from per-task CPU generators seeded by
+    ``tensor_seed(spec.seed, name, i)``. ``slerp`` needs the base tensor itself: use :func:`merge_tensor`.
     Raises MergeConfigError for an invalid spec, CheckpointError (naming `name`) for mismatched shapes or
     non-floating task vectors. Never modifies its inputs; the result never aliases them.
     """
     n = len(task_vectors)
     spec.validate(n)
+    record = spec.record
+    if record.combine is None:
+        raise MergeConfigError(
+            f"method {spec.method!r} needs the base tensor itself, not task vectors alone (so it cannot merge "
+            "inside ATM rounds); merge it with merge_tensor"
+        )
     _check_shapes(name, task_vectors, "task vector")
     for i, t in enumerate(task_vectors):
         if not t.is_floating_point():
             raise CheckpointError(f"tensor {name!r}: task vector {i} has non-floating dtype {t.dtype}")
-    m, w = spec.method, spec.weights
-    if m == "average":
-        return M.average(task_vectors, w)
-    if m == "task_arithmetic":
-        out = M.task_arithmetic(task_vectors, w)
-    elif m == "ties":
-        out = M.ties(task_vectors, w, spec.effective_density, spec.majority_sign_method)
-    elif m in ("dare_linear", "dare_ties"):
-        gens = [_generator(spec.seed, name, i) for i in range(n)]
-        if m == "dare_linear":
-            out = M.dare_linear(task_vectors, w, spec.effective_density, generator=gens)
-        else:
-            out = M.dare_ties(
-                task_vectors, w, spec.effective_density, spec.majority_sign_method, generator=gens
-            )
-    elif m == "breadcrumbs":
-        out = M.breadcrumbs(task_vectors, w, spec.effective_density, spec.effective_gamma)
-    elif m == "tsv":
-        out = M.tsv(task_vectors, w)
-    else:  # iso_c (validate() rejected anything else)
-        out = M.iso_c(task_vectors, w)
-    return out if spec.scale == 1.0 else out.mul_(spec.scale)
+    out = record.combine(spec, task_vectors, name)
+    if record.on_models:
+        return out
+    factor = _output_factor(spec, n)
+    return out if factor == 1.0 else out.mul_(factor)
+
+
+def _output_factor(spec: MergeSpec, num_models: int) -> float:
+    """What multiplies ``combine(...)``: the scale, divided by the weight sum under ``normalize`` for methods
+    without a sign election (the TIES-style ones divide by the agreeing weights themselves)."""
+    if "majority_sign_method" in spec.record.options:
+        return float(spec.scale)
+    return float(spec.scale) / _normalizer(spec, num_models)
 
 
 class TensorPlan:
@@ -348,13 +417,14 @@ class TensorPlan:
     """
 
     def __init__(self, spec: MergeSpec, combine: M.SlicedCombine, dtype: torch.dtype, out_dtype: torch.dtype,
-                 shape: torch.Size) -> None:
+                 shape: torch.Size, num_models: int) -> None:
         self.spec = spec
         self.combine = combine
         self.dtype = dtype
         self.out_dtype = out_dtype
         self.shape = shape
         self.numel = combine.numel
+        self.factor = _output_factor(spec, num_models)
 
     def merge_slice(self, base: Tensor, models: Sequence[Tensor], start: int) -> Tensor:
         """The merged flat slice ``[start, start + base.numel())`` in ``out_dtype`` (same ops as merge_tensor)."""
@@ -362,8 +432,8 @@ class TensorPlan:
         taus = [t.reshape(-1) - b for t in models]
         delta = self.combine.combine(taus, start)
         del taus
-        if self.spec.scale != 1.0:
-            delta.mul_(self.spec.scale)
+        if self.factor != 1.0:
+            delta.mul_(self.factor)
         return delta.add_(b).to(self.out_dtype)
 
     def merge_all(self, base: Tensor, models: Sequence[Tensor],
@@ -377,22 +447,6 @@ class TensorPlan:
         return out.view(self.shape)
 
 
-def _combine_plan(spec: MergeSpec, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
-                  name: str) -> M.SlicedCombine:
-    """Phase 1 of a SLICED_METHODS method; ``magnitude(i)`` gives ``|tau_i|`` (read once per task, in order)."""
-    numel = math.prod(shape)
-    density, w = spec.effective_density, spec.weights
-    assert density is not None
-    if spec.method == "ties":
-        return M.ties_plan(magnitude, n, numel, w, density, spec.majority_sign_method)
-    if spec.method == "dare_ties":
-        gens = [_generator(spec.seed, name, i) for i in range(n)]
-        return M.dare_ties_plan(shape, n, w, density, spec.majority_sign_method, generator=gens)
-    gamma = spec.effective_gamma
-    assert spec.method == "breadcrumbs" and gamma is not None
-    return M.breadcrumbs_plan(magnitude, n, numel, w, density, gamma)
-
-
 def plan_tensor(
     spec: MergeSpec,
     base: Tensor,
@@ -404,13 +458,14 @@ def plan_tensor(
     """Phase 1 of ``merge_tensor(spec, base, models, name)`` for a :data:`SLICED_METHODS` method.
 
     Reads each model once, whole, in order, holding one task vector ``|M_i - base|`` at a time (the magnitude
-    cuts of ties / breadcrumbs; dare_ties draws its seeded masks instead and reads nothing);
+    cuts of the ties / breadcrumbs methods; dare_ties draws its seeded masks instead and reads nothing);
     ``on_task_read(i, models[i])`` is called after model i was read (e.g. to drop its file pages). The plan's
     :meth:`TensorPlan.merge_slice` then merges slices in ``out_dtype`` (default: the base's dtype).
     Raises MergeConfigError for a method outside SLICED_METHODS or an invalid spec, CheckpointError
     (naming `name`) for mismatched shapes or non-floating tensors.
     """
-    if spec.method not in SLICED_METHODS:
+    record = get_method(spec.method)
+    if record.plan is None:
         raise MergeConfigError(
             f"method {spec.method!r} has no sliced plan; only {', '.join(SLICED_METHODS)} do"
         )
@@ -431,23 +486,25 @@ def plan_tensor(
             on_task_read(i, models[i])
         return mag
 
-    combine = _combine_plan(spec, magnitude, len(models), base.shape, name)
-    return TensorPlan(spec, combine, dtype, base.dtype if out_dtype is None else out_dtype, base.shape)
+    combine = record.plan(spec, magnitude, len(models), base.shape, name)
+    return TensorPlan(spec, combine, dtype, base.dtype if out_dtype is None else out_dtype, base.shape, len(models))
 
 
 def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor], name: str = "") -> Tensor:
     """The merged tensor `name`, in the base's dtype (the first model's dtype for ``average`` without a base).
 
     * non-floating tensors (int buffers): a copy of the base (of the first model when there is no base);
-    * ``average``: ``sum_i w_i M_i / sum_i w_i`` (the base only sets the dtype and shape check);
+    * ``average`` / ``linear``: ``sum_i w_i M_i / sum_i w_i`` (the base only sets the dtype and shape check);
+    * ``slerp``: :func:`hf_atm.merging.methods.slerp` of the base and the model;
     * otherwise: ``base + merge_deltas(spec, [M_i - base ...], name)``, computed in float32/float64.
 
     Raises CheckpointError naming `name` when shapes differ, MergeConfigError for an invalid spec or a
-    missing base (every method but ``average`` needs one).
+    missing base (every method but ``average`` / ``linear`` needs one).
     """
     if len(models) == 0:
         raise MergeConfigError(f"tensor {name!r}: a merge needs at least one model")
     spec.validate(len(models))
+    record = spec.record
     ref = base if base is not None else models[0]
     _check_shapes(name, models, "model", expected=ref.shape)
     if not ref.is_floating_point():
@@ -458,13 +515,16 @@ def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor],
                 f"tensor {name!r}: model {i} has dtype {t.dtype} but the base is {ref.dtype}"
             )
     out_dtype = ref.dtype
-    if spec.method == "average":
-        return M.average(models, spec.weights).to(out_dtype)
-    if base is None:
+    if base is None and record.needs_base:
         raise MergeConfigError(
-            f"method {spec.method!r} needs a base model (only 'average' works without one)"
+            f"method {spec.method!r} needs a base model (only 'average' and 'linear' work without one)"
         )
-    if spec.method in SLICED_METHODS:
+    if record.combine_models is not None:
+        dtype = M.compute_dtype([ref, *models])
+        b = None if base is None else base.to(dtype)
+        return record.combine_models(spec, b, [t.to(dtype) for t in models], name).to(out_dtype)
+    assert base is not None
+    if record.plan is not None:
         # Phase 1 over whole tensors, phase 2 in slices: the streaming engine runs the same plan.
         return plan_tensor(spec, base, models, name).merge_all(base, models)
     dtype = M.compute_dtype([base, *models])
