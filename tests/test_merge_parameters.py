@@ -313,3 +313,13 @@ def test_mergekit_defaults_apply_where_ours_differ():
 def test_unsupported_mergekit_keys_are_named(data, match):
     with pytest.raises(MergeConfigError, match=match):
         from_mergekit(data)
+
+
+def test_atm_config_offers_the_methods_that_merge_task_vectors(tmp_path):
+    from hf_atm.atm.config import ATMConfig
+
+    for method in ("model_stock", "della_linear", "breadcrumbs_ties"):
+        cfg = ATMConfig(output_dir=str(tmp_path), merge_method=method, report_to=[])
+        assert cfg.merge_spec(3).method == method
+    with pytest.raises(MergeConfigError, match="slerp.*cannot merge task vectors inside ATM rounds"):
+        ATMConfig(output_dir=str(tmp_path), merge_method="slerp", report_to=[])

@@ -131,7 +131,8 @@ class ATMConfig(TrainingArguments):
                 f"merge_method: {self.merge_method!r} cannot merge task vectors inside ATM rounds; "
                 f"known: {', '.join(ATM_MERGE_METHODS)}"
             )
-        n = len(self.merge_weights) if self.merge_weights is not None else 1
+        # the task count is known only at train time: validate for the fewest tasks the method takes
+        n = len(self.merge_weights) if self.merge_weights is not None else get_method(self.merge_method).min_models
         self.merge_spec(n)  # validates density / gamma / weights / scale, naming the option
 
     def resolved_merge_scale(self, num_tasks: int) -> float:
