@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,6 +66,11 @@ def add_merge_parser(sub: Any) -> None:
                    help="also read pytorch_model.bin pickles (torch.load weights_only=True); off by default "
                         "because unpickling can run code")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--threads", metavar="N", type=int,
+                   help="worker threads of the merge (default: every core); the result does not depend on it")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="cpu (default), cuda / cuda:N (each tensor merged on the GPU, bounded GPU memory) or auto "
+                        "(cuda when available)")
     p.add_argument("--output-format", choices=["full", "lora"],
                    help="full: a merged model (default); lora: merge LoRA adapters into one LoRA adapter of --rank")
     p.add_argument("--rank", metavar="R", type=int, help="rank of the merged adapter (--output-format lora)")
@@ -175,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse `argv` (default ``sys.argv[1:]``), run the subcommand, return the exit status.
 
-    0 on success; 2 for usage errors and for HfAtmError (printed as ``error: <message>`` on stderr).
+    0 on success; 2 for usage errors and for HfAtmError (printed as ``error: <message>`` on stderr); 128 + the
+    signal's number (130, 143) when SIGINT, or SIGTERM during a merge's writing, interrupts it.
     """
     parser = build_parser()
     try:
@@ -193,9 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line: some messages quote multi-line text from other libraries (huggingface_hub...).
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # SIGINT, or hf_atm.merging.output.Interrupted (SIGINT / SIGTERM)
+        signum = getattr(e, "signum", signal.SIGINT)
+        sub = getattr(args, "_parser", parser)
+        print(f"error: {sub.prog} was interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover

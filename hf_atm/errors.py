@@ -17,6 +17,14 @@ class OutputExistsError(HfAtmError):
     """The output folder exists and is not empty, and overwriting was not asked for."""
 
 
+class OutputBusyError(HfAtmError):
+    """Another merge is writing the same output folder right now (it holds the folder's lock)."""
+
+
+class DiskFullError(HfAtmError):
+    """The output does not fit on its device: too little free space up front, or the device filled mid-write."""
+
+
 class TaskDataError(HfAtmError, ValueError):
     """A task's data is unusable (no examples, missing label column, missing Debian package...)."""
 

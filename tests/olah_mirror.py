@@ -9,22 +9,33 @@ served through the Hub's download API (``/api/models/<org>/<name>/revision/<rev>
 
 :func:`make_mirror_repo` / :func:`add_commit` build such repositories with the ``git`` command;
 :class:`OlahMirror` starts ``python -m olah.server -c CONFIG`` and stops that process (by its pid) on exit.
+
+:class:`RecordingProxy` sits in front of it (or any HTTP server) on 127.0.0.1 and records every request:
+method, path, ``Range`` header, status and the body bytes it passed on before the client hung up; that is how
+the tests count what a client downloaded. Note that olah's local mirrors ignore ``Range``: a ranged GET is
+answered ``200`` with the whole file (``olah/mirror/repos.py: get_file``), so a client that wants only a
+file's first bytes has to stop reading and close the connection.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["OlahMirror", "add_commit", "free_port", "make_mirror_repo"]
+__all__ = ["OlahMirror", "RecordingProxy", "add_commit", "free_port", "make_mirror_repo"]
 
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "hf-atm tests",
@@ -167,3 +178,119 @@ class OlahMirror:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class RecordingProxy:
+    """A threaded HTTP/1.1 reverse proxy to `upstream` on 127.0.0.1:<free port> that records each request.
+
+    ``url`` is the address to give clients; ``requests`` holds one dict per request, appended when it ends:
+    ``method``, ``path`` (unquoted, no query), ``range`` (the Range header or None), ``status``, ``sent`` (body
+    bytes passed to the client before it finished or hung up) and ``length`` (the upstream Content-Length or
+    None). The ``Host`` header is passed on, so absolute redirects of the upstream point back at the proxy.
+    """
+
+    def __init__(self, upstream: str, timeout: float = 60.0):
+        parts = urlsplit(upstream)
+        self._up_host, self._up_port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._upstream = upstream.rstrip("/")
+        self.timeout = timeout
+        self.requests: list[dict[str, Any]] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> RecordingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def downloads(self, suffix: str) -> list[dict[str, Any]]:
+        """The GET requests of paths ending with `suffix` (e.g. ``".safetensors"``)."""
+        return [r for r in self.requests if r["method"] == "GET" and r["path"].endswith(suffix)]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._forward(self, "GET")
+
+            def do_HEAD(self) -> None:
+                proxy._forward(self, "HEAD")
+
+            def do_POST(self) -> None:
+                proxy._forward(self, "POST")
+
+        return Handler
+
+    def _forward(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else None
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP}
+        record: dict[str, Any] = {"method": method, "path": unquote(urlsplit(h.path).path),
+                                  "range": h.headers.get("Range"), "status": None, "sent": 0, "length": None}
+        up = http.client.HTTPConnection(self._up_host, self._up_port, timeout=self.timeout)
+        try:
+            up.request(method, h.path, body=body, headers=headers)
+            resp = up.getresponse()
+            record["status"] = resp.status
+            declared = resp.getheader("Content-Length")
+            record["length"] = int(declared) if declared is not None else None
+            h.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() in _HOP_BY_HOP or k.lower() in ("date", "server"):
+                    continue
+                if k.lower() == "location":
+                    v = v.replace(self._upstream, self.url)
+                h.send_header(k, v)
+            has_body = method != "HEAD" and resp.status not in (204, 304)
+            chunked = has_body and declared is None
+            if chunked:
+                h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            if not has_body:
+                return
+            try:
+                while True:
+                    piece = resp.read1(1 << 16) if hasattr(resp, "read1") else resp.read(1 << 16)
+                    if not piece:
+                        break
+                    h.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    record["sent"] += len(piece)
+                if chunked:
+                    h.wfile.write(b"0\r\n\r\n")
+                h.wfile.flush()
+            except OSError:  # the client closed the connection (e.g. after reading a header)
+                h.close_connection = True
+        except OSError as e:
+            if record["status"] is None:
+                record["status"] = 502
+                msg = f"proxy: upstream failed: {e}".encode()
+                try:
+                    h.send_response(502)
+                    h.send_header("Content-Length", str(len(msg)))
+                    h.end_headers()
+                    h.wfile.write(msg)
+                except OSError:
+                    pass
+            h.close_connection = True
+        finally:
+            up.close()
+            self.requests.append(record)

@@ -1,11 +1,25 @@
 """Turn a model reference (a local folder, or a Hub repo id with an optional ``@revision``) into a local folder.
 
 Resolution goes through ``huggingface_hub.snapshot_download`` so the usual cache, ``HF_HOME``, ``HF_ENDPOINT``
-(a mirror) and ``HF_HUB_OFFLINE`` all apply; only the files a merge needs are downloaded.
+(a mirror) and ``HF_HUB_OFFLINE`` all apply; only the files a merge needs are downloaded. Nothing here forces a
+re-download or deletes anything in the cache.
+
+**Interrupted downloads resume.** Within one run, huggingface_hub's ``http_get`` resumes a transfer whose
+connection drops with a ``Range`` request (a few times). Across runs it does not (2.x): each download goes to a
+process-unique ``<etag>.<random>.incomplete`` file that is deleted when the download fails or the process
+dies. So before the snapshot download, every weights file of at least :data:`RESUMABLE_MIN_BYTES` that is not
+in the cache yet is fetched here into the stable ``blobs/<etag>.incomplete`` (under huggingface_hub's own lock
+for that blob, ``.locks/<repo>/<etag>.lock``), continued with ``Range: bytes=<size>-`` by the next run when the
+process was killed or the connection lost, checked (size; the sha256 / git oid in the etag when the file was
+resumed) and renamed to ``blobs/<etag>``; ``snapshot_download`` then only links it into the snapshot. Files
+the Hub serves through Xet (with ``hf_xet`` installed) are left to huggingface_hub, whose Xet client has its
+own chunk cache. A partial file that ends up corrupt is deleted and fetched again once.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -35,6 +49,9 @@ MERGE_FILE_PATTERNS: tuple[str, ...] = (
     "multitask_config.json",
 )
 PICKLE_FILE_PATTERNS: tuple[str, ...] = ("*.bin", "*.bin.index.json")
+#: Weight files from this size on are fetched resumably across runs (see the module docstring).
+RESUMABLE_MIN_BYTES = 16 << 20
+_WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.bin")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -68,8 +85,10 @@ def resolve_model(
     ``ref`` is a local folder, or a Hub repo id optionally followed by ``@revision`` (branch, tag or commit).
     Repo ids are fetched with ``snapshot_download`` restricted to :data:`MERGE_FILE_PATTERNS` (plus ``*.bin``
     when ``allow_pickle``), honouring the cache and ``HF_HUB_OFFLINE``; `endpoint` overrides ``HF_ENDPOINT``
-    (a mirror). Raises :class:`HubError` naming the reference and the Hub's (or the cache's) own message, on
-    one line, when it cannot be resolved.
+    (a mirror). Large weights files not cached yet are fetched first, resumably across runs (see the module
+    docstring). Raises :class:`HubError` naming the reference and the Hub's (or the cache's) own message, on
+    one line, when it cannot be resolved, or when a weights download fails midway (its partial file is kept
+    for the next run).
     """
     path = Path(ref).expanduser()
     if path.exists():
@@ -85,6 +104,8 @@ def resolve_model(
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if not constants.is_offline_mode():
+        _prefetch_weights(repo_id, revision, patterns, token=token, cache_dir=cache_dir, endpoint=endpoint)
     try:
         local = snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir,
@@ -103,3 +124,112 @@ def resolve_model(
 def _one_line(exc: BaseException) -> str:
     """The exception's message on one line (the CLI prints errors as one line)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------- resumable weight files
+def _prefetch_weights(
+    repo_id: str,
+    revision: str | None,
+    patterns: list[str],
+    *,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    endpoint: str | None,
+) -> None:
+    """Fetch the large weights files of `repo_id` that are not cached yet into their cache blobs, resumably.
+
+    Best effort before ``snapshot_download``: a failed listing or metadata request leaves the file to it (it
+    reports the error). Raises HubError only when a transfer started here fails; its partial file is kept.
+    """
+    from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision or constants.DEFAULT_REVISION)
+    except Exception:  # noqa: BLE001 - snapshot_download reports a missing repo / revision or the Hub's error
+        return
+    sha = info.sha
+    names = [
+        s.rfilename for s in (info.siblings or [])
+        if any(fnmatch.fnmatch(s.rfilename, p) for p in _WEIGHT_PATTERNS)
+        and any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)
+    ]
+    if not sha or not names:
+        return
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+    storage = cache / folder
+    for name in names:
+        if (storage / "snapshots" / sha / name).exists():
+            continue  # already in this snapshot
+        try:
+            meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=sha, endpoint=endpoint), token=token,
+                                        endpoint=endpoint)
+        except Exception:  # noqa: BLE001 - left to snapshot_download
+            continue
+        if not meta.etag or meta.size is None or meta.size < RESUMABLE_MIN_BYTES or not meta.location:
+            continue
+        if meta.xet_file_data is not None and _xet_download_enabled():
+            continue  # the Xet client downloads (and resumes) it
+        blob = storage / "blobs" / meta.etag
+        if blob.exists():
+            continue
+        _fetch_resumable(meta.location, blob, meta.size, meta.etag, cache / ".locks" / folder / f"{meta.etag}.lock",
+                         token=token, name=name, what=f"{name} of {repo_id}")
+
+
+def _xet_download_enabled() -> bool:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import is_xet_available
+
+    return bool(is_xet_available()) and not constants.HF_HUB_DISABLE_XET
+
+
+def _fetch_resumable(url: str, blob: Path, size: int, etag: str, lock: Path, *, token: str | bool | None,
+                     name: str, what: str) -> None:
+    """Download `url` (`size` bytes) to `blob` through ``<blob>.incomplete``, continuing what an earlier run left."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    partial = blob.with_name(blob.name + ".incomplete")
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    headers = build_hf_headers(token=token, library_name="hf_atm")
+    with WeakFileLock(lock):
+        for _attempt in range(2):
+            if blob.exists():
+                return  # another process finished it while we waited for the lock
+            done = partial.stat().st_size if partial.exists() else 0
+            if done > size:
+                partial.unlink()
+                done = 0
+            try:
+                with open(partial, "r+b" if done else "wb") as f:
+                    f.seek(done)
+                    http_get(url, f, resume_size=done, headers=headers, expected_size=size,
+                             displayed_filename=name)
+            except Exception as exc:
+                have = partial.stat().st_size if partial.exists() else 0
+                raise HubError(
+                    f"downloading {what} failed after {have} of {size} bytes: {_one_line(exc)}. The partial file "
+                    f"{partial} is kept: run again to resume it"
+                ) from exc
+            if not done or _content_matches(partial, etag):
+                os.replace(partial, blob)
+                return
+            partial.unlink()  # the resumed file is corrupt: fetch it once more from the start
+    raise HubError(f"downloading {what}: the file received does not match its etag {etag}")
+
+
+def _content_matches(path: Path, etag: str) -> bool:
+    """Whether `path` hashes to `etag` (an LFS sha256 or a git blob sha1); True for an etag of another form."""
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        h = hashlib.sha256()
+    elif re.fullmatch(r"[0-9a-f]{40}", etag):
+        h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    else:
+        return True
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest() == etag

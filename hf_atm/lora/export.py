@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hf_atm.errors import MergeConfigError, OutputExistsError
+from hf_atm.errors import MergeConfigError
 from hf_atm.hub.card import architectures_of
 from hf_atm.hub.resolve import resolve_model
 from hf_atm.lora.delta import (
@@ -49,6 +47,7 @@ from hf_atm.lora.delta import (
     load_adapter,
 )
 from hf_atm.merging.io import CheckpointReader
+from hf_atm.merging.output import check_free_space, check_output, staged_output
 from hf_atm.merging.spec import MergeSpec, merge_deltas, merge_tensor
 
 __all__ = ["lora_factors", "merge_adapters_to_lora"]
@@ -73,29 +72,6 @@ def lora_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
     top = float(s[0]) if s.numel() else 0.0
     dropped = float(s[rank]) if s.numel() > rank else 0.0
     return b, a, top, dropped
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputExistsError(f"output {out} exists and is not a folder")
-        if not overwrite and any(out.iterdir()):
-            raise OutputExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` folder to `out`; an existing `out` is replaced only once `tmp` is complete."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _resolve_adapters(refs: Sequence[str], allow_pickle: bool) -> list[Path]:
@@ -166,7 +142,7 @@ def merge_adapters_to_lora(
         raise MergeConfigError("models: --output-format lora needs at least one LoRA adapter")
     spec.validate(len(adapter_refs))
     out = Path(output).expanduser()
-    _check_output(out, overwrite)
+    check_output(out, overwrite)  # before any work; checked again under the output's lock
     base_path = resolve_model(base_ref, allow_pickle=allow_pickle)
     paths = _resolve_adapters([str(r) for r in adapter_refs], allow_pickle)
     for ref, p in [(str(base_ref), base_path), *zip(map(str, adapter_refs), paths)]:
@@ -189,18 +165,14 @@ def merge_adapters_to_lora(
                 a.close()
         config = _output_config(adapters, str(base_ref), rank, lora_paths, full_keys)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    # Locks the output, stages it in .<name>.tmp-<hex> and swaps it in when the block ends (merging/output.py).
+    with staged_output(out, overwrite) as tmp:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        check_free_space(tmp, nbytes, f"the adapter weights of {out}")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _write_card(tmp, str(base_ref), [str(r) for r in adapter_refs], spec, rank, stats, str(output),
                     architectures_of(base_path))
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -41,7 +41,8 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 OUTPUT_FORMATS: tuple[str, ...] = ("full", "lora")
 _SPEC_KEYS = frozenset(f.name for f in fields(MergeSpec))
 _CONFIG_KEYS = frozenset(
-    {"base", "models", "output", "dtype", "max_shard_size", "overwrite", "allow_pickle", "progress", "revisions",
+    {"base", "models", "output", "dtype", "max_shard_size", "overwrite", "allow_pickle", "progress", "threads",
+     "device", "revisions",
      "tokenizer_source", "output_format", "rank"}
 )
 _IGNORED_KEYS = frozenset({"hf_atm_version"})
@@ -77,6 +78,21 @@ _MERGEKIT_NO_EFFECT = {
 }
 
 
+def _check_device(device: Any) -> None:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``cuda`` where torch sees no CUDA is refused here, before any
+    work (MergeConfigError naming the option)."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise MergeConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MergeConfigError(
+                f"device: {device} asked for, but torch.cuda.is_available() is False here (no CUDA build of torch "
+                "or no GPU); use --device cpu, or auto (cuda when available)"
+            )
+
+
 def redact_secrets(text: str) -> str:
     """`text` with Hugging Face tokens and ``user:password@`` URL credentials replaced by ``***``."""
     return _SECRET.sub("***", text)
@@ -90,7 +106,9 @@ class MergeConfig:
     ``dtype``: None keeps the base's dtype per tensor; otherwise floating tensors of the output are cast to it.
     ``max_shard_size``: bytes or a size string ("2GB", "500MB"). ``overwrite`` replaces a non-empty
     ``output`` once the new one is complete. ``allow_pickle`` lets ``pytorch_model.bin`` inputs be read with
-    ``torch.load(weights_only=True)``. ``progress`` shows a tqdm bar. ``revisions`` maps a Hub reference
+    ``torch.load(weights_only=True)``. ``progress`` shows a tqdm bar. ``threads``: worker threads of the merge
+    (None: the machine's cores; the result does not depend on it). ``device``: ``cpu`` (default), ``cuda`` /
+    ``cuda:N`` (merge each tensor on the GPU) or ``auto`` (cuda when available). ``revisions`` maps a Hub reference
     (as written in base/models) to the commit a previous merge resolved it to; it pins that reference.
     ``tensor_options``: top-level options given as layer gradients or filter lists; ``model_options``: per model
     the options it sets itself (``weights`` for its weight); see :mod:`hf_atm.merging.parameters`.
@@ -108,6 +126,8 @@ class MergeConfig:
     overwrite: bool = False
     allow_pickle: bool = False
     progress: bool = True
+    threads: int | None = None
+    device: str = "cpu"
     revisions: dict[str, str] = field(default_factory=dict)
     tensor_options: dict[str, Any] = field(default_factory=dict)
     model_options: list[dict[str, Any]] = field(default_factory=list)
@@ -156,6 +176,10 @@ class MergeConfig:
         for opt in ("overwrite", "allow_pickle", "progress"):
             if not isinstance(getattr(self, opt), bool):
                 raise MergeConfigError(f"{opt}: expected true or false, got {getattr(self, opt)!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise MergeConfigError(f"threads: expected a positive integer (or none: every core), got {self.threads!r}")
+        _check_device(self.device)
         if not isinstance(self.revisions, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.revisions.items()
         ):
@@ -249,8 +273,8 @@ class MergeConfig:
             "tensor_options": tensor_options,
             "model_options": model_options,
         }
-        for key in ("dtype", "max_shard_size", "overwrite", "allow_pickle", "progress", "revisions",
-                    "tokenizer_source", "output_format", "rank"):
+        for key in ("dtype", "max_shard_size", "overwrite", "allow_pickle", "progress", "threads", "device",
+                    "revisions", "tokenizer_source", "output_format", "rank"):
             if data.get(key) is not None:
                 kwargs[key] = data[key]
         if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"].lower() in ("none", "null", "auto"):
@@ -262,8 +286,9 @@ class MergeConfig:
         return config
 
     def to_dict(self, *, include_runtime: bool = True) -> dict[str, Any]:
-        """The mapping (inverse of :meth:`from_dict`); ``include_runtime=False`` leaves out ``overwrite`` and
-        ``progress``, which do not change the result. Models with their own options are written as
+        """The mapping (inverse of :meth:`from_dict`); ``include_runtime=False`` leaves out ``overwrite``,
+        ``progress``, ``threads`` and ``device``, which do not change the result (on a GPU, methods with
+        reductions may differ in the last bits; the rest is bit-identical). Models with their own options are written as
         ``{model: ID, parameters: {...}}`` (``weight`` for their weight)."""
         models: list[Any] = []
         for i, m in enumerate(self.models):
@@ -290,6 +315,8 @@ class MergeConfig:
         if include_runtime:
             d["overwrite"] = self.overwrite
             d["progress"] = self.progress
+            d["threads"] = self.threads
+            d["device"] = self.device
         return d
 
     @classmethod

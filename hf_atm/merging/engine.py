@@ -6,11 +6,13 @@
    and the models (local folders or Hub ids), opens every weights file once and compares the headers: the
    same tensor names, shapes, and floating / non-floating dtypes everywhere, else CheckpointError naming the
    tensor and both files;
-2. plans the output (names in the base's storage order, dtypes, shards) and writes into a temporary folder
-   beside the output (``.<name>.tmp-<hex>``), streaming each merged tensor straight into its shard;
+2. plans the output (names in the base's storage order, dtypes, shards), locks the output, checks the free
+   space against the planned shards and writes into a temporary folder beside the output
+   (``.<name>.tmp-<hex>``), streaming each merged tensor straight into its shard;
 3. copies the base's config and tokenizer / processor files, writes ``merge_config.yaml`` and README.md;
-4. renames the temporary folder into place (with ``overwrite``, the old folder goes only now). On any error
-   the temporary folder is removed and the old output, if any, is untouched.
+4. moves the temporary folder into place (with ``overwrite``, swapped atomically with the old folder, which
+   goes only now). On any error, SIGINT or SIGTERM the temporary folder is removed and the old output, if any,
+   is untouched (:func:`hf_atm.merging.output.staged_output`).
 
 Memory stays bounded by the tensors in flight: inputs are zero-copy views of the files' memory maps whose
 pages are released after use, outputs go straight to disk, and for the element-wise methods (``average``,
@@ -27,24 +29,26 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import secrets
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from hf_atm.errors import CheckpointError, MergeConfigError, OutputExistsError
+from hf_atm.errors import CheckpointError, MergeConfigError
 from hf_atm.hub.resolve import is_local_reference, resolve_model, split_revision
+from hf_atm.merging import methods as M
 from hf_atm.merging.config import MergeConfig
 from hf_atm.merging.io import CheckpointReader, ShardedWriter, TensorInfo, iter_chunks
+from hf_atm.merging.output import check_free_space, check_output, staged_output
+from hf_atm.merging.pipeline import InFlight, Pool, done, run_ordered
 from hf_atm.merging.registry import METHODS, get_method
-from hf_atm.merging.spec import MergeSpec, merge_tensor, plan_tensor
+from hf_atm.merging.spec import MergeSpec, TensorPlan, merge_tensor, plan_tensor
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -124,6 +128,23 @@ def _nonfinite_error(name: str, tensor: torch.Tensor, file: Path) -> CheckpointE
     return CheckpointError(f"tensor {name!r} in {file} contains {kind} values; refusing to merge non-finite weights")
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after.
+
+    The engine computes with 1: reductions (norms, sums) and BLAS / LAPACK calls (SVD) round differently with
+    another thread count, so this keeps a merge's bytes independent of ``--threads`` and of the machine's cores;
+    its parallelism comes from worker threads instead (measured faster on 2 cores: 3.9 s vs 5.4 s for a 4-model
+    BERT-base TIES merge, against 2 workers x 2 intra-op threads).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def merge_state_dicts_in_memory(
     spec: MergeSpec,
     base_sd: Mapping[str, torch.Tensor],
@@ -134,9 +155,16 @@ def merge_state_dicts_in_memory(
 
     For every name of `base_sd` (in its order): non-floating tensors are copied from the base; floating ones
     are ``merge_tensor(spec, base, models, name)``, or, when `dtype` differs from the base's, the float32 (float64)
-    merge cast once to `dtype`. Raises CheckpointError when a model lacks a tensor.
+    merge cast once to `dtype`, computed with torch's intra-op threads set to 1 as the engine computes (see
+    :func:`torch_threads`). Raises CheckpointError when a model lacks a tensor.
     """
     spec.validate(len(model_sds))
+    with torch_threads(1):
+        return _merge_state_dicts(spec, base_sd, model_sds, dtype)
+
+
+def _merge_state_dicts(spec: MergeSpec, base_sd: Mapping[str, torch.Tensor],
+                       model_sds: Sequence[Mapping[str, torch.Tensor]], dtype: torch.dtype | None) -> dict:
     out: dict[str, torch.Tensor] = {}
     for name, b in base_sd.items():
         if not b.is_floating_point():
@@ -202,18 +230,6 @@ def _preflight(base: CheckpointReader, models: Sequence[CheckpointReader],
                 )
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-folder, or a non-empty folder without `overwrite` (OutputExistsError)."""
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputExistsError(f"output {out} exists and is not a folder")
-        if not overwrite and any(out.iterdir()):
-            raise OutputExistsError(
-                f"output folder {out} exists and is not empty; pass --overwrite to replace it "
-                "(the old folder is replaced only once the new merge is complete)"
-            )
-
-
 def _check_output_vs_inputs(out: Path, inputs: Mapping[str, Path]) -> None:
     """The output may be neither an input folder nor one of its parents (overwriting would destroy it)."""
     target = out.resolve()
@@ -258,23 +274,165 @@ def _copy_base_files(base: Path, dest: Path, dtype: str | None) -> list[str]:
     return copied
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` folder to `out`; an existing `out` is replaced only after `tmp` is in place."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
+def default_threads() -> int:
+    """The CPU cores this process may run on (what ``--threads`` defaults to)."""
     try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` / ``cuda:N``, or ``auto`` (cuda when ``torch.cuda.is_available()``, else cpu) as a
+    torch.device; MergeConfigError naming ``device`` for anything else, or cuda where CUDA is not available."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MergeConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise MergeConfigError(f"device: expected cpu, cuda, cuda:N or auto, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeConfigError(
+                f"device: {device!r} asked for, but torch.cuda.is_available() is False here (no CUDA build of "
+                "torch or no GPU); use --device cpu or auto"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeConfigError(f"device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+#: Elements per step inside a job: the cache-sized unit of element-wise work (see methods.SLICE_ELEMENTS).
+_SUB_ELEMENTS = M.SLICE_ELEMENTS
+#: Elements per step of the element-wise work on a GPU (few large kernels; one tensor's inputs are there anyway).
+_DEVICE_BLOCK = 1 << 24
+
+
+def _ranges(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """``iter_chunks`` of ``[start, stop)``; one empty range for an empty tensor (it still takes one write)."""
+    if stop <= start:
+        return [(start, start)]
+    return [(start + a, start + b) for a, b in iter_chunks(stop - start, step)]
+
+
+@dataclass
+class _Read:
+    """What the reader thread hands over for one tensor: the input views (None for a vocabulary tensor, which
+    :class:`VocabMerge` reads itself) and whether their pages were populated and are held until it is written."""
+
+    inputs: list[torch.Tensor] | None
+    hold: bool
+
+
+class _TensorJob:
+    """The work of one floating tensor (its inputs: base first, then the models), as jobs for the pool.
+
+    Every method computes what the sequential engine did, with the same ops (slices are cache-sized pieces of
+    the engine's ``chunk_elements`` blocks; every path is slicing-invariant, so the bits are the same).
+    Input pages are dropped as they are used unless `hold` (small tensors: read ahead whole, dropped once written).
+    """
+
+    def __init__(self, spec: MergeSpec, name: str, inputs: list[torch.Tensor], infos: list[TensorInfo],
+                 readers: Sequence[CheckpointReader], out_dtype: torch.dtype, hold: bool) -> None:
+        self.spec, self.name, self.inputs, self.infos = spec, name, inputs, infos
+        self.readers, self.out_dtype, self.hold = readers, out_dtype, hold
+        self.numel = inputs[0].numel()
+
+    def _release(self, i: int, t: torch.Tensor) -> None:
+        if not self.hold:
+            self.readers[i].release(t)
+
+    def _release_range(self, start: int, stop: int) -> None:
+        if not self.hold:
+            for i, t in enumerate(self.inputs):
+                self.readers[i].release(t.reshape(-1)[start:stop])
+
+    def check_inputs(self, xs: Sequence[torch.Tensor] | None = None) -> None:
+        """Every input finite, base first (methods that are not element-wise check before merging)."""
+        own = xs is None
+        for i, (t, info) in enumerate(zip(self.inputs if own else xs, self.infos)):
+            if not _all_finite(t):
+                raise _nonfinite_error(self.name, t, info.file)
+            if own and i > 0:
+                self._release(i, t)  # checked: drop its pages now rather than hold every model's at once
+
+    def _elementwise(self, xs: Sequence[torch.Tensor], start: int, stop: int, step: int,
+                     to_host: bool = False) -> list[torch.Tensor]:
+        spec, name = self.spec, self.name
+        flat = [t.reshape(-1) for t in xs]
+        pieces, overflow = [], False
+        for s, e in _ranges(start, stop, step):
+            part = [f[s:e] for f in flat]
+            if spec.method == "average" and not _all_finite(part[0]):  # average's result ignores the base
+                raise _nonfinite_error(name, part[0], self.infos[0].file)
+            merged = _merge_one(spec, part[0], part[1:], name, self.out_dtype)
+            if not _all_finite(merged):
+                # Linear methods propagate any NaN / Inf of an input, so checking the result suffices; when the
+                # result alone overflowed (finite inputs) it is written as is, with a warning.
+                _raise_if_inputs_nonfinite(name, part, self.infos)
+                overflow = True
+            pieces.append(merged.cpu() if to_host else merged)
+        if overflow:
+            warnings.warn(f"tensor {name!r}: the merged values overflow {self.out_dtype}", stacklevel=2)
+        return pieces
+
+    def elementwise_block(self, start: int, stop: int) -> list[torch.Tensor]:
+        pieces = self._elementwise(self.inputs, start, stop, _SUB_ELEMENTS)
+        self._release_range(start, stop)
+        return pieces
+
+    def sliced(self, pool: Pool, chunk_elements: int) -> list:
+        """Phase 1 (magnitude cuts / DARE masks over the whole tensor, one model at a time), the inputs' check,
+        then the phase-2 blocks: parallel jobs when the plan is stateless, else in order here.
+
+        The check comes after phase 1 and is skipped when the cuts saw every ``|M_i - BASE|`` finite (then every
+        input is: see :func:`~hf_atm.merging.methods.cuts_saw_finite`), saving a pass over every input; it
+        raises the same error as checking first would, phase 1 having written nothing."""
+        # The base as it is stored: plan_tensor widens it to the compute dtype for phase 1 only, merge_slice each
+        # slice (the same values: no half-precision copy of the base lives through phase 2).
+        b = self.inputs[0]
+        plan = plan_tensor(self.spec, b, self.inputs[1:], self.name, self.out_dtype,
+                           on_task_read=lambda i, t: self._release(i + 1, t))
+        if not M.cuts_saw_finite(plan.combine):
+            self.check_inputs()
+        blocks = _ranges(0, self.numel, chunk_elements)
+        if pool.parallel and plan.stateless:
+            return [pool.submit(self.plan_block, plan, b, s, e, False) for s, e in blocks]
+        return [self.plan_block(plan, b, s, e, True) for s, e in blocks]
+
+    def plan_block(self, plan: TensorPlan, base: torch.Tensor, start: int, stop: int, ordered: bool,
+                   step: int = _SUB_ELEMENTS, to_host: bool = False) -> list[torch.Tensor]:
+        fb, fm = base.reshape(-1), [t.reshape(-1) for t in self.inputs[1:]]
+        merge = plan.merge_slice if ordered else plan.merge_slice_at
+        pieces = []
+        for s, e in _ranges(start, stop, step):
+            merged = merge(fb[s:e], [m[s:e] for m in fm], s)
+            pieces.append(merged.cpu() if to_host else merged)
+        self._release_range(start, stop)
+        return pieces
+
+    def whole(self) -> list:
+        self.check_inputs()
+        return [[_merge_one(self.spec, self.inputs[0], self.inputs[1:], self.name, self.out_dtype)]]
+
+    def on_device(self, device: torch.device, elementwise: bool, sliced: bool, chunk_elements: int) -> list:
+        """The whole tensor on `device`: its inputs copied there (then their pages dropped), merged there, the
+        result copied back to the host in blocks. Same ops as on the CPU; random masks are drawn on CPU
+        generators either way."""
+        xs = [t.to(device) for t in self.inputs]
+        for i, t in enumerate(self.inputs):
+            self._release(i, t)
+        block = max(chunk_elements, _DEVICE_BLOCK)
+        if elementwise:
+            return [self._elementwise(xs, 0, self.numel, block, to_host=True)]
+        self.check_inputs(xs)
+        if sliced and self.numel > chunk_elements:
+            plan = plan_tensor(self.spec, xs[0], xs[1:], self.name, self.out_dtype)
+            job = _TensorJob(self.spec, self.name, xs, self.infos, self.readers, self.out_dtype, hold=True)
+            return [job.plan_block(plan, xs[0], 0, self.numel, True, step=block, to_host=True)]
+        return [[_merge_one(self.spec, xs[0], xs[1:], self.name, self.out_dtype).cpu()]]
 
 
 def _stream(
@@ -286,68 +444,90 @@ def _stream(
     progress: bool,
     chunk_elements: int,
     vocab: VocabMerge | None = None,
-) -> None:
+    *,
+    threads: int | None = None,
+    device: str | torch.device | None = "cpu",
+    in_flight: InFlight | None = None,
+    device_path: bool = False,
+) -> InFlight:
     """Merge every tensor of the base (in its storage order) into `writer` with its own spec (``specs[name]``;
-    one method for all), releasing inputs as it goes. `vocab` merges the vocabulary tensors row-aligned."""
+    one method for all), through the bounded pipeline of :func:`hf_atm.merging.pipeline.run_ordered`.
+
+    A reader thread fetches each tensor's inputs (zero-copy views) and starts their read-ahead (tensors whose
+    inputs fit in half the byte budget get their pages populated, the rest only read into the page cache); the
+    calling thread schedules the tensor's jobs (``threads`` workers, default :func:`default_threads`; the
+    calling thread itself for 1): element-wise methods in blocks of `chunk_elements`, the sliced ones a first
+    phase then parallel blocks, the others the whole tensor; a writer thread writes the results in order. At
+    most `in_flight` tensors (default: ``2 * threads + 2`` and :data:`~hf_atm.merging.pipeline.IN_FLIGHT_BYTES`)
+    are between being read and being written. torch's own threads are set to 1 meanwhile (restored after), so
+    every op computes the same bits whatever ``threads`` is. `device` ``cuda`` (or ``auto`` with CUDA): one
+    tensor at a time is copied to the GPU, merged there, and copied back for the writer (`device_path` runs
+    that path on the CPU, for tests). `vocab` merges the vocabulary tensors row-aligned (on the CPU).
+    Returns the budget (its ``peak``: the most tensors in flight at once).
+    """
     record = get_method(next(iter(specs.values())).method) if specs else get_method("task_arithmetic")
     elementwise = record.elementwise
     sliced = record.plan is not None
     readers = [base, *models]
+    dev = resolve_device(device)
+    on_device = dev.type != "cpu" or device_path
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MergeConfigError(f"threads: expected a positive integer, got {threads!r}")
+    workers = 1 if on_device else (default_threads() if threads is None else threads)
+    flight = in_flight if in_flight is not None else InFlight()
+    hold_bytes = flight.max_bytes // 2
+    vocab_names = vocab.names if vocab is not None else frozenset()
     bar = tqdm(total=len(base.names), unit="tensor", desc="merging", disable=not progress, dynamic_ncols=True)
+
+    def size(name: str) -> int:
+        """The tensor's inputs and output, counted at most `hold_bytes`: a larger tensor is not read ahead
+        whole and drops its pages as it goes, so it leaves room for smaller ones beside it."""
+        info = base.info(name)
+        nbytes = info.nbytes * 2  # the base and the output
+        if info.dtype.is_floating_point:
+            nbytes += sum(r.info(name).nbytes for r in models)
+        return max(1, min(nbytes, hold_bytes))
+
+    def read(name: str) -> _Read:
+        if name in vocab_names:
+            return _Read(None, False)
+        b = base.get(name)
+        inputs = [b] if not b.is_floating_point() else [b, *(r.get(name) for r in models)]
+        hold = sum(t.numel() * t.element_size() for t in inputs) <= hold_bytes
+        for r, t in zip(readers, inputs):
+            prefetch = getattr(r, "prefetch", None)  # LoRA sources compute their tensors: nothing to read ahead
+            if prefetch is not None:
+                prefetch(t, populate=hold)
+        return _Read(inputs, hold)
+
+    def submit(name: str, item: _Read, pool: Pool):
+        spec, out_dtype = specs[name], out_dtypes[name]
+        if item.inputs is None:
+            assert vocab is not None
+            return pool.submit(lambda: [[vocab.merge(spec, name, base, models, out_dtype)]])
+        b = item.inputs[0]
+        if not b.is_floating_point():
+            return done([[b]])  # non-floating tensors (position ids...) are the base's
+        job = _TensorJob(spec, name, item.inputs, [r.info(name) for r in readers], readers, out_dtype, item.hold)
+        if on_device:
+            return pool.submit(job.on_device, dev, elementwise, sliced, chunk_elements)
+        if elementwise:
+            return done([pool.submit(job.elementwise_block, s, e) for s, e in _ranges(0, job.numel, chunk_elements)])
+        if sliced and job.numel > chunk_elements:
+            return pool.submit(job.sliced, pool, chunk_elements)
+        return pool.submit(job.whole)
+
+    def finish(name: str, item: _Read) -> None:
+        for r, t in zip(readers, item.inputs or ()):
+            r.release(t)
+        bar.update()
+
     try:
-        for name in base.names:
-            spec = specs[name]
-            if vocab is not None and name in vocab.names:
-                writer.write(name, vocab.merge(spec, name, base, models, out_dtypes[name]))
-                bar.update()
-                continue
-            b = base.get(name)
-            if not b.is_floating_point():
-                writer.write(name, b)  # non-floating tensors (position ids...) are the base's
-                base.release(b)
-                bar.update()
-                continue
-            inputs = [b, *(r.get(name) for r in models)]
-            infos = [r.info(name) for r in readers]
-            if not elementwise:
-                for r, t, info in zip(readers, inputs, infos):
-                    if not _all_finite(t):
-                        raise _nonfinite_error(name, t, info.file)
-                    if r is not base:
-                        r.release(t)  # checked: drop its pages now rather than hold every model's at once
-            numel = b.numel()
-            plan = None
-            if sliced and numel > chunk_elements:
-                # Phase 1 (magnitude cuts / DARE masks) over whole tensors, one model at a time; phase 2 below
-                # in slices, bit-identical to merge_tensor on the whole tensor.
-                b32 = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
-                plan = plan_tensor(spec, b32, inputs[1:], name, out_dtypes[name],
-                                   on_task_read=lambda i, t: models[i].release(t))
-                inputs[0] = b32
-            step = chunk_elements if (elementwise or plan is not None) and numel > chunk_elements else max(numel, 1)
-            flat = [t.reshape(-1) for t in inputs] if step < numel else inputs
-            for start, stop in iter_chunks(numel, step) if numel else [(0, 0)]:
-                part = [t[start:stop] for t in flat] if step < numel else flat
-                if spec.method == "average" and not _all_finite(part[0]):  # average's result ignores the base
-                    raise _nonfinite_error(name, part[0], infos[0].file)
-                if plan is not None:
-                    merged = plan.merge_slice(part[0], part[1:], start)
-                else:
-                    merged = _merge_one(spec, part[0], part[1:], name, out_dtypes[name])
-                if elementwise and not _all_finite(merged):
-                    # Linear methods propagate any NaN / Inf of an input, so checking the result suffices;
-                    # when the result alone overflowed (finite inputs) it is written as is, with a warning.
-                    _raise_if_inputs_nonfinite(name, part, infos)
-                    warnings.warn(f"tensor {name!r}: the merged values overflow {out_dtypes[name]}", stacklevel=2)
-                writer.write(name, merged)
-                del merged
-                for r, t in zip(readers, part):
-                    r.release(t)
-            plan = None  # free its masks / counters before the next tensor is read
-            bar.update()
+        with torch_threads(1):
+            return run_ordered(base.names, size=size, read=read, submit=submit, write=writer.write, finish=finish,
+                               workers=workers, in_flight=flight)
     finally:
         bar.close()
-
 
 def _raise_if_inputs_nonfinite(name: str, tensors: Sequence[torch.Tensor], infos: Sequence[TensorInfo]) -> None:
     for t, info in zip(tensors, infos):
@@ -371,7 +551,14 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
     if chunk_elements < 1:
         raise MergeConfigError(f"chunk_elements must be positive, got {chunk_elements}")
     out = Path(config.output).expanduser()
-    _check_output(out, config.overwrite)
+    check_output(out, config.overwrite)  # before any work; checked again under the output's lock
+
+    # [hub pre-check] Hub inputs compared from config.json + safetensors headers before any weight download
+    from hf_atm.hub.preflight import check_hub_inputs
+
+    check_hub_inputs(config.base, config.models, revisions=config.revisions,
+                     tokenizer_source=config.tokenizer_source, allow_pickle=config.allow_pickle)
+    # [/hub pre-check]
 
     model_paths, resolved, revisions = [], {}, {}
     for ref in config.models:
@@ -413,12 +600,13 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
             out_dtypes[name] = cast if cast is not None and dt.is_floating_point else dt
         plan = [(n, out_dtypes[n], _output_shape(base, n, vocab)) for n in base.names]
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        # Locks the output, stages it in .<name>.tmp-<hex> and swaps it in when the block ends (output.py).
+        tmp = stack.enter_context(staged_output(out, config.overwrite))
         writer = ShardedWriter(tmp, plan, config.max_shard_bytes)
+        check_free_space(tmp, writer.planned_bytes, f"the {writer.num_shards} planned shard(s) of {out}")
         try:
-            _stream(specs, base, models, out_dtypes, writer, config.progress, chunk_elements, vocab)
+            _stream(specs, base, models, out_dtypes, writer, config.progress, chunk_elements, vocab,
+                    threads=config.threads, device=config.device)
             files = writer.finish()
             _copy_base_files(base_path, tmp, config.dtype)
             _write_tokenizer(config, tmp, base_path, model_paths, vocab)
@@ -437,10 +625,8 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
                 architectures=architectures_of(base_path),
             )
             card.save(tmp / "README.md")
-            _commit(tmp, out)
         except BaseException:
             writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
             raise
     return MergeResult(out, len(plan), len(files), writer.total_size, time.perf_counter() - t0)
 

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 import torch
 
 from hf_atm.errors import CheckpointError, MergeConfigError
+from hf_atm.merging.output import NO_SPACE_ERRNOS
 
 __all__ = [
     "SAFE_WEIGHTS_NAME",
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointReader",
     "ShardedWriter",
     "TensorInfo",
+    "check_safetensors_layout",
     "dtype_from_safetensors",
     "dtype_to_safetensors",
     "parse_size",
@@ -132,6 +134,8 @@ def parse_size(size: str | int, option: str = "max_shard_size") -> int:
 # ------------------------------------------------------------------------------------------- page release
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux value; madvise is only used on Linux
+_MADV_WILLNEED = 3  # start reading the range into the page cache (asynchronous, maps nothing)
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the range in (reading it if needed), as touching every page would
 
 
 def _load_madvise() -> Any:
@@ -150,6 +154,7 @@ def _load_madvise() -> Any:
 
 
 _madvise = _load_madvise()
+_populate_ok = True  # MADV_POPULATE_READ accepted so far
 
 
 def _file_mappings(paths: Sequence[Path]) -> list[tuple[int, int]]:
@@ -171,6 +176,82 @@ def _file_mappings(paths: Sequence[Path]) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def check_safetensors_layout(path: Path) -> None:
+    """Refuse (CheckpointError naming `path`) a safetensors file whose header does not describe its bytes.
+
+    Read before the file is mapped: the 8-byte little-endian header length must fit in the file, the header
+    must be a JSON object, and every tensor's ``data_offsets`` must lie inside the data section, span exactly
+    its dtype x shape byte count, and, in order, tile the data section with no gap or overlap (what safetensors'
+    own loader demands, said here with the tensor and the sizes involved).
+    """
+    bad = f"corrupt safetensors file {path}"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{bad}: {size} bytes, too short for the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(
+                    f"{bad}: its header length ({n:,} bytes) runs past the end of the file ({size:,} bytes): "
+                    "truncated, or not a safetensors file"
+                )
+            raw = fh.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{bad}: its header is not valid JSON ({e})") from e
+    data_len = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{bad}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where} has no dtype / shape / data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: bad shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise CheckpointError(f"{where}: data_offsets {offsets} are not a byte range")
+        if end > data_len:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} run past the end of the data section ({data_len:,} bytes "
+                f"after the header, file of {size:,} bytes): the file is truncated or its header is wrong"
+            )
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where}: bad dtype {dtype!r}")
+        itemsize = torch.empty((), dtype=dtype_from_safetensors(dtype, f"{path}: tensor {name!r}")).element_size()
+        expected = math.prod(shape) * itemsize
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} span {end - begin:,} bytes but a {dtype} tensor of shape "
+                f"{shape} takes {expected:,}"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise CheckpointError(f"{bad}: the data of tensors {prev!r} and {name!r} overlap (bytes {begin:,} to {pos:,})")
+        if begin > pos:
+            raise CheckpointError(f"{bad}: bytes {pos:,} to {begin:,} of its data section belong to no tensor")
+        pos, prev = end, name
+    if pos != data_len:
+        raise CheckpointError(
+            f"{bad}: its tensors cover {pos:,} of the {data_len:,} bytes of its data section (the rest belongs to "
+            "no tensor)"
+        )
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Name, dtype, shape and source file of one stored tensor (read from headers, no data loaded)."""
@@ -292,6 +373,8 @@ class CheckpointReader:
     def _read_headers(self, weight_map: dict[str, Path] | None) -> None:
         """Fill ``names`` (storage order) and ``_infos`` from every file's header."""
         for path in self.files:
+            if self.format == "safetensors":
+                check_safetensors_layout(path)  # before mapping it: a lying header is refused up front
             handle = self._open(path)
             if self.format == "safetensors":
                 try:
@@ -371,6 +454,31 @@ class CheckpointReader:
         end = hi // _PAGE * _PAGE
         if end > start:
             _madvise(start, end - start, _MADV_DONTNEED)
+
+    def prefetch(self, tensor: torch.Tensor, populate: bool = True) -> None:
+        """Read ahead the memory-map pages under `tensor` (a :meth:`get` result), so that using it later does not
+        wait for the disk: ``populate`` maps them into this process (``MADV_POPULATE_READ``; they then count in
+        its RSS until :meth:`release`), else the kernel only starts reading them into the page cache
+        (``MADV_WILLNEED``, no RSS). Safe from another thread; a no-op for tensors outside this reader's maps,
+        off Linux, and (populate) on kernels before 5.14, which fall back to ``MADV_WILLNEED``.
+        """
+        global _populate_ok
+        if _madvise is None or tensor.numel() == 0:
+            return
+        lo = tensor.data_ptr()
+        hi = lo + tensor.numel() * tensor.element_size()
+        maps = self._maps
+        if maps is None:
+            maps = self._maps = _file_mappings(list(self._handles))
+        if not any(a <= lo and hi <= b for a, b in maps):
+            return
+        start = lo // _PAGE * _PAGE
+        length = -(-(hi - start) // _PAGE) * _PAGE
+        if populate and _populate_ok:
+            if _madvise(start, length, _MADV_POPULATE_READ) == 0:
+                return
+            _populate_ok = False  # EINVAL: an older kernel; read-ahead only from now on
+        _madvise(start, length, _MADV_WILLNEED)
 
     def close(self) -> None:
         """Drop every open handle (unmapping the files)."""
@@ -516,38 +624,69 @@ class ShardedWriter:
         p = self._by_name[name]
         if data.dtype != p.dtype:
             raise RuntimeError(f"tensor {name!r}: planned dtype {p.dtype}, got {data.dtype}")
-        fh = self._file(p.shard)
         nbytes = data.numel() * data.element_size()
         if self._written + nbytes > p.nbytes:
             raise RuntimeError(f"tensor {name!r}: more bytes than its planned shape {p.shape}")
-        if nbytes:
-            fh.write(memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        self._written += nbytes
-        if self._written == p.nbytes:
-            self._pos += 1
-            self._written = 0
-            self._left[p.shard] -= 1
-            if self._left[p.shard] == 0:
-                self._open.pop(p.shard).close()
+        try:
+            fh = self._file(p.shard)
+            if nbytes:
+                fh.write(memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            self._written += nbytes
+            if self._written == p.nbytes:
+                self._pos += 1
+                self._written = 0
+                self._left[p.shard] -= 1
+                if self._left[p.shard] == 0:
+                    self._open.pop(p.shard).close()
+        except OSError as e:
+            if e.errno in NO_SPACE_ERRNOS:
+                raise self._disk_full(self.files[p.shard]) from e
+            raise
+
+    @property
+    def planned_bytes(self) -> int:
+        """Bytes of all planned shard files (headers and data): what the output's weights need on disk."""
+        return self.total_size + sum(len(self._header(i)) for i in range(self.num_shards))
+
+    def _disk_full(self, file: str) -> Exception:
+        """DiskFullError for the device filling while `file` is written: what the shards need, written, free."""
+        from hf_atm.errors import DiskFullError
+        from hf_atm.merging.output import format_bytes, free_bytes
+
+        written = sum((self.folder / f).stat().st_size for f in self.files if (self.folder / f).is_file())
+        return DiskFullError(
+            f"no space left on the device while writing {self.folder / file}: the output's {self.num_shards} "
+            f"planned shard(s) need {format_bytes(self.planned_bytes)}, {format_bytes(written)} were written, "
+            f"{format_bytes(free_bytes(self.folder))} are free now"
+        )
 
     def finish(self) -> list[str]:
         """Close the last shard, write the index when sharded; return the shard file names."""
         if self._pos != len(self._order):
             raise RuntimeError(f"writer finished before tensor {self.expected()!r} was written")
-        if not self._order:  # an empty plan still yields one (header-only) file
-            self._file(0).close()
-            self._open.clear()
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-            )
+        try:
+            if not self._order:  # an empty plan still yields one (header-only) file
+                self._file(0).close()
+                self._open.clear()
+            if len(self.files) > 1:
+                index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+                (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+                )
+        except OSError as e:
+            if e.errno in NO_SPACE_ERRNOS:
+                raise self._disk_full(self.files[0] if not self._order else SAFE_WEIGHTS_INDEX_NAME) from e
+            raise
         return list(self.files)
 
     def abort(self) -> None:
-        """Close any open file (the caller removes the folder)."""
+        """Close any open file (the caller removes the folder); a close that fails (its flush, on a full
+        device) does not hide the error being handled."""
         for fh in self._open.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError:
+                pass
         self._open.clear()
 
 

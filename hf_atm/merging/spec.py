@@ -428,9 +428,23 @@ class TensorPlan:
 
     def merge_slice(self, base: Tensor, models: Sequence[Tensor], start: int) -> Tensor:
         """The merged flat slice ``[start, start + base.numel())`` in ``out_dtype`` (same ops as merge_tensor)."""
+        return self._merge_slice(base, models, start, self.combine.combine)
+
+    @property
+    def stateless(self) -> bool:
+        """Whether :meth:`merge_slice_at` applies (see :attr:`hf_atm.merging.methods.SlicedCombine.stateless`)."""
+        return self.combine.stateless
+
+    def merge_slice_at(self, base: Tensor, models: Sequence[Tensor], start: int) -> Tensor:
+        """:meth:`merge_slice` of any slice, in any order, from any thread (a :attr:`stateless` plan): the same
+        bits, nothing moves."""
+        return self._merge_slice(base, models, start, self.combine.combine_at)
+
+    def _merge_slice(self, base: Tensor, models: Sequence[Tensor], start: int,
+                     combine: Callable[[Sequence[Tensor], int], Tensor]) -> Tensor:
         b = base.reshape(-1).to(self.dtype)
         taus = [t.reshape(-1) - b for t in models]
-        delta = self.combine.combine(taus, start)
+        delta = combine(taus, start)
         del taus
         if self.factor != 1.0:
             delta.mul_(self.factor)
@@ -445,6 +459,31 @@ class TensorPlan:
             stop = min(self.numel, start + slice_elements)
             out[start:stop] = self.merge_slice(fb[start:stop], [t[start:stop] for t in fm], start)
         return out.view(self.shape)
+
+
+class _Magnitudes:
+    """``magnitude(i) = |M_i - base|`` for a plan: called, one fresh buffer (the task vector made its own
+    magnitudes; the base widened to the compute dtype once, only if asked); ``source(i)``, the same values
+    streamed by chunks (:class:`hf_atm.merging.methods.TaskMagnitudes`, for the magnitude cuts). Either way
+    ``on_task_read(i, M_i)`` follows once model i has been read."""
+
+    def __init__(self, base: Tensor, models: Sequence[Tensor], dtype: torch.dtype,
+                 on_task_read: Callable[[int, Tensor], None] | None) -> None:
+        self.base, self.models, self.dtype, self.on_task_read = base, models, dtype, on_task_read
+        self._b: Tensor | None = None
+
+    def __call__(self, i: int) -> Tensor:
+        if self._b is None:
+            self._b = self.base.to(self.dtype)
+        mag = (self.models[i] - self._b).abs_()
+        if self.on_task_read is not None:
+            self.on_task_read(i, self.models[i])
+        return mag
+
+    def source(self, i: int) -> M.TaskMagnitudes:
+        read = self.on_task_read
+        return M.TaskMagnitudes(self.models[i], self.base, self.dtype,
+                                None if read is None else (lambda: read(i, self.models[i])))
 
 
 def plan_tensor(
@@ -478,14 +517,7 @@ def plan_tensor(
             what = "the base" if i == 0 else f"model {i - 1}"
             raise CheckpointError(f"tensor {name!r}: {what} has non-floating dtype {t.dtype}")
     dtype = M.compute_dtype([base, *models])
-    b = base.to(dtype)
-
-    def magnitude(i: int) -> Tensor:
-        mag = (models[i] - b).abs_()  # one fresh buffer: the task vector, made its own magnitudes
-        if on_task_read is not None:
-            on_task_read(i, models[i])
-        return mag
-
+    magnitude = _Magnitudes(base, models, dtype, on_task_read)
     combine = record.plan(spec, magnitude, len(models), base.shape, name)
     return TensorPlan(spec, combine, dtype, base.dtype if out_dtype is None else out_dtype, base.shape, len(models))
 
