@@ -14,14 +14,18 @@
    goes only now). On any error, SIGINT or SIGTERM the temporary folder is removed and the old output, if any,
    is untouched (:func:`hf_atm.merging.output.staged_output`).
 
-Memory stays bounded by the tensors in flight: inputs are zero-copy views of the files' memory maps whose
-pages are released after use, outputs go straight to disk, and for the element-wise methods (``average``,
-``task_arithmetic``) large tensors are processed in slices of ``chunk_elements`` (bit-identical to the
-whole-tensor result: every operation is element-wise). ``ties`` / ``dare_ties`` / ``breadcrumbs``
-(:data:`~hf_atm.merging.spec.SLICED_METHODS`) first compute their per-task whole-tensor statistics (magnitude
-cuts, one model at a time, its pages dropped after; DARE masks) with :func:`~hf_atm.merging.spec.plan_tensor`,
-then merge in the same slices, also bit-identical. The SVD methods get whole tensors. Computation is float32
-(float64 for float64 inputs).
+Memory stays bounded by the tensors in flight (:func:`_stream`, :mod:`hf_atm.merging.pipeline`): a reader
+thread reads the next tensors ahead while worker threads (``--threads``) merge and a writer thread writes the
+finished ones in order; inputs are zero-copy views of the files' memory maps whose pages are released after
+use, outputs go straight to disk. For the element-wise methods (``average``, ``linear``, ``task_arithmetic``)
+tensors are processed in blocks of ``chunk_elements`` (bit-identical to the whole-tensor result: every
+operation is element-wise). ``ties`` / ``dare_ties`` / ``breadcrumbs`` / ``breadcrumbs_ties``
+(:data:`~hf_atm.merging.spec.SLICED_METHODS`) first compute their per-task whole-tensor statistics (exact
+magnitude cuts, one model at a time, its pages dropped after; DARE masks) with
+:func:`~hf_atm.merging.spec.plan_tensor`, then merge the blocks in parallel, also bit-identical. The SVD
+methods get whole tensors. Computation is float32 (float64 for float64 inputs), with torch's intra-op threads
+at 1 (:func:`torch_threads`): the bytes written depend neither on ``--threads`` nor on the machine. With
+``--device cuda`` each tensor is merged on the GPU.
 """
 
 from __future__ import annotations
