@@ -239,6 +239,28 @@ class VocabPlan:
             ).reshape(len(self.row_maps), self.num_rows)
         return self._cache["index"]
 
+    def row_groups(self) -> list[tuple[Tensor, bool, list[int], Tensor]]:
+        """Output rows grouped by which checkpoints have them: (out rows, base has them, model indices, src index)."""
+        if "groups" not in self._cache:
+            index = self.index()
+            present = index >= 0  # checkpoints x rows
+            if present.shape[0] <= 62:  # one int64 bit per checkpoint: a 1-D unique is far faster than dim=0
+                bits = torch.zeros(present.shape[1], dtype=torch.int64)
+                for c in range(present.shape[0]):
+                    bits |= present[c].to(torch.int64) << c
+                codes, inverse = torch.unique(bits, return_inverse=True)
+                keys = [[bool(int(k) >> c & 1) for c in range(present.shape[0])] for k in codes]
+            else:
+                uniq, inverse = torch.unique(present.T, dim=0, return_inverse=True)
+                keys = uniq.tolist()
+            groups = []
+            for g, key in enumerate(keys):
+                out_rows = (inverse == g).nonzero().squeeze(1)
+                models = [i for i in range(self.num_models) if key[i + 1]]
+                groups.append((out_rows, bool(key[0]), models, index[:, out_rows]))
+            self._cache["groups"] = groups
+        return self._cache["groups"]
+
     def summary(self) -> dict[str, Any]:
         """Plain-typed facts for logs / the model card: source, output rows, added tokens, tokens each lacks."""
         return {
@@ -428,29 +450,6 @@ def _gather(t: Tensor, idx: Tensor) -> Tensor:
     return t.narrow(0, a, idx.numel()) if a is not None else t.index_select(0, idx.to(t.device))
 
 
-def _groups(plan: VocabPlan) -> list[tuple[Tensor, bool, list[int], Tensor]]:
-    """Output rows grouped by which checkpoints have them: (out rows, base has them, model indices, src index)."""
-    if "groups" not in plan._cache:
-        index = plan.index()
-        present = index >= 0  # checkpoints x rows
-        if present.shape[0] <= 62:  # one int64 bit per checkpoint: a 1-D unique is far faster than dim=0
-            bits = torch.zeros(present.shape[1], dtype=torch.int64)
-            for c in range(present.shape[0]):
-                bits |= present[c].to(torch.int64) << c
-            codes, inverse = torch.unique(bits, return_inverse=True)
-            keys = [[bool(int(k) >> c & 1) for c in range(present.shape[0])] for k in codes]
-        else:
-            uniq, inverse = torch.unique(present.T, dim=0, return_inverse=True)
-            keys = uniq.tolist()
-        groups = []
-        for g, key in enumerate(keys):
-            out_rows = (inverse == g).nonzero().squeeze(1)
-            models = [i for i in range(plan.num_models) if key[i + 1]]
-            groups.append((out_rows, bool(key[0]), models, index[:, out_rows]))
-        plan._cache["groups"] = groups
-    return plan._cache["groups"]
-
-
 def merge_vocab_tensor(
     plan: VocabPlan,
     name: str,
@@ -486,7 +485,7 @@ def merge_vocab_tensor(
     out_dtype = base_tensor.dtype if out_dtype is None else out_dtype
     rest = tuple(base_tensor.shape[1:])
     out = torch.empty((plan.num_rows, *rest), dtype=out_dtype, device=base_tensor.device)
-    for group_rows, in_base, models, group_src in _groups(plan):
+    for group_rows, in_base, models, group_src in plan.row_groups():
         step = group_rows.numel() if block_rows is None else block_rows
         for lo in range(0, group_rows.numel(), step):
             out_rows, src = group_rows[lo : lo + step], group_src[:, lo : lo + step]
