@@ -125,35 +125,24 @@ MAKE_BERT = textwrap.dedent(
 # fine-tune's shard (base + seeded noise) is written in turn; at most one base shard and one fine-tune shard
 # (plus one tensor's float32 temporaries) are in memory. Names, shapes and order are those of
 # LlamaForCausalLM's state_dict (built on the meta device: no memory), the shard layout that of
-# save_pretrained / huggingface_hub (a new shard when the next tensor would exceed the limit).
+# save_pretrained / huggingface_hub (a new shard when the next tensor would exceed the limit: io.plan_shards).
 MAKE_LLAMA = textwrap.dedent(
     """
     import json, sys, torch
     from pathlib import Path
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_atm.merging.io import plan_shards, shard_file_names
     work, n, kwargs, max_shard = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(int(sys.argv[5]))
     config = LlamaConfig(**kwargs, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         specs = [(k, tuple(v.shape)) for k, v in LlamaForCausalLM(config).state_dict().items()]
-    shards, cur, size = [], [], 0
-    for j, (name, shape) in enumerate(specs):
-        nbytes = 2 * torch.Size(shape).numel()
-        if nbytes > max_shard:
-            shards.append([j])
-            continue
-        if cur and size + nbytes > max_shard:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(j)
-        size += nbytes
-    if cur:
-        shards.append(cur)
-    files = [f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors" for s in range(len(shards))]
-    if len(shards) == 1:
-        files = ["model.safetensors"]
+    index_of = {name: j for j, (name, _) in enumerate(specs)}
+    planned = plan_shards([(name, 2 * torch.Size(shape).numel()) for name, shape in specs], max_shard)
+    shards = [[index_of[name] for name in shard] for shard in planned]
+    files = shard_file_names(len(shards))
     folders = [work / "base"] + [work / f"model_{i}" for i in range(n)]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)

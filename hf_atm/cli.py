@@ -119,7 +119,7 @@ def run_merge_command(args: argparse.Namespace) -> int:
     # loads, which the imports below do when run from the console script; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from hf_atm.hub.push import push_from_args
-    from hf_atm.merging.engine import run_merge
+    from hf_atm.lora.merge import run_merge
 
     fmt, rank = getattr(args, "output_format", None), getattr(args, "rank", None)
     if fmt == "lora" and rank is None and "config" not in vars(args):
@@ -133,7 +133,7 @@ def run_merge_command(args: argparse.Namespace) -> int:
         base = config.base
         if base is None:
             from hf_atm.hub.resolve import resolve_model
-            from hf_atm.merging.engine import infer_adapter_base
+            from hf_atm.lora.merge import infer_adapter_base
 
             paths = [resolve_model(m, allow_pickle=config.allow_pickle) for m in config.models]
             base = infer_adapter_base(config.models, paths)
@@ -167,7 +167,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [add_merge_parser, add_push_parser]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-atm`` parser with every registered subcommand."""
-    from hf_atm import __version__
+    from hf_atm.version import __version__
 
     parser = argparse.ArgumentParser(prog="hf-atm", description="Model merging and ATM for the Hugging Face ecosystem.")
     parser.add_argument("--version", action="version", version=f"hf-atm {__version__}")

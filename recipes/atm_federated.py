@@ -5,7 +5,6 @@ task vectors every round (docs/FEDERATED.md).
     python recipes/atm_federated.py --engine local                    # same apps in-process (no Ray)
     python recipes/atm_federated.py --uplink topk:0.1 --error-feedback --downlink bf16
     python recipes/atm_federated.py --secure-aggregation               # SecAgg+: the server sees only the sum
-    python recipes/atm_federated.py --fail-task fortune_topic --fail-round 2 --min-clients 3
     python recipes/atm_federated.py --resume                          # continue from the last round checkpoint
 
 Defaults (a few minutes on 2 idle CPU cores): all-MiniLM-L6-v2 (bundled, offline), the 4 text tasks capped at
@@ -52,8 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--downlink", default="none", help="none | bf16 | topk:F | dare:F (optionally ':bf16')")
     p.add_argument("--error-feedback", action="store_true", help="nodes keep what uplink compression dropped")
     p.add_argument("--secure-aggregation", action="store_true", help="SecAgg+ (sum-decomposable merges only)")
-    p.add_argument("--fail-task", default=None, help="fault injection: this task's node raises in --fail-round")
-    p.add_argument("--fail-round", type=int, default=0, help="0: every round")
     p.add_argument("--output-dir", default="outputs/atm-federated")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--cpus", type=int, default=min(2, os.cpu_count() or 1), help="Ray CPUs (simulation engine)")
@@ -73,7 +70,7 @@ def build_config(a: argparse.Namespace):
                     "merge_method": a.merge_method},
         weighting=a.weighting, min_clients=a.min_clients, round_timeout=a.round_timeout, uplink=a.uplink,
         downlink=a.downlink, error_feedback=a.error_feedback, secure_aggregation=a.secure_aggregation,
-        fail_task=a.fail_task, fail_round=a.fail_round, output_dir=a.output_dir, resume=a.resume, eval_test=True,
+        output_dir=a.output_dir, resume=a.resume, eval_test=True,
     )
 
 

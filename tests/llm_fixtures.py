@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -220,3 +221,11 @@ def make_causal_lm(
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def make_vocab_checkpoints(root: Path, ft1: dict[str, Any], ft2: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """A one-layer llama base and two fine-tunes of it (seeds 1 and 2) that add tokens: `ft1` / `ft2` are the
+    :func:`make_causal_lm` keywords of each (``special_tokens``, ``tokenizer_extra_tokens``, ``chat_template``)."""
+    base = make_causal_lm(root / "base", "llama", num_layers=1)
+    return (base, make_causal_lm(root / "ft1", base=base, seed=1, **ft1),
+            make_causal_lm(root / "ft2", base=base, seed=2, **ft2))

@@ -141,3 +141,22 @@ def test_joint_training_is_gd_on_the_union(tmp_path, data):
     sa, sb = out.model.state_dict(), ref.state_dict()
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa if sa[k].is_floating_point()) < 1e-9
     assert {"validation", "test"} <= set(out.entries) and out.entries["test"]["method"] == "joint"
+
+
+def test_baselines_leave_the_callers_requires_grad_flags(tmp_path, data):
+    """freeze_heads in a baseline freezes the heads for that training only: the given model's flags (one
+    backbone tensor frozen by the caller) are as they were after each baseline."""
+    model = make_model()
+    frozen = next(n for n, _ in model.backbone.named_parameters())
+    model.backbone.get_parameter(frozen).requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    args = sgd_args(tmp_path, rounds=1, freeze_heads=True)
+    ind = finetune_individual(model, args, data)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    merged = one_shot_merge(model, ind, args, data, scale_grid=[0.5])
+    assert {n: p.requires_grad for n, p in merged.model.named_parameters()} == flags
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    heads0 = {k: v.clone() for k, v in model.heads_state_dict().items()}
+    train_joint(model, args, data)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(heads0[k], v) for k, v in model.heads_state_dict().items())  # heads were frozen

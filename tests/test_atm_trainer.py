@@ -1,6 +1,7 @@
 """ATMTrainer: the loop, logging / history / plots, resume, PH selection, LoRA, bf16, saving, bad input."""
 
 import json
+import math
 import sys
 import types
 
@@ -118,8 +119,8 @@ def test_resume_after_crash_is_bit_identical(tmp_path, data, reset):
         "checkpoint-round-1", "checkpoint-round-2"]
     resumed = ATMTrainer(model=make_model(dropout=0.1), args=make_args(tmp_path / "run", **kw), task_datasets=data)
     # "True" as a string is what `--resume_from_checkpoint True` gives a recipe (a str field): the latest round
-    assert resumed._resolve_checkpoint("True") == tmp_path / "run" / "checkpoint-round-2"
-    assert resumed._resolve_checkpoint("false") is None
+    assert resumed.resolve_checkpoint("True") == tmp_path / "run" / "checkpoint-round-2"
+    assert resumed.resolve_checkpoint("false") is None
     resumed.train(resume_from_checkpoint=True)
     sa, sb = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -252,3 +253,168 @@ def test_bad_input_is_refused_before_training(tmp_path, data):
     with pytest.raises(TaskDataError, match="too few"):
         tiny = {t: DatasetDict({**dd, "validation": dd["validation"].select([0])}) for t, dd in data.items()}
         ATMTrainer(model=make_model(), args=make_args(tmp_path, atm_mode="ph"), task_datasets=tiny)
+
+
+def test_freeze_heads_leaves_the_callers_requires_grad_flags(tmp_path, data):
+    """freeze_heads freezes the heads during training only: the caller's model keeps its own flags (here one
+    backbone tensor frozen by the caller, everything else trainable) and its train / eval mode."""
+    model = make_model()
+    frozen = next(n for n, _ in model.backbone.named_parameters())
+    model.backbone.get_parameter(frozen).requires_grad_(False)
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    heads0 = {k: v.clone() for k, v in model.heads_state_dict().items()}
+    frozen0 = model.backbone.get_parameter(frozen).detach().clone()
+    tr = ATMTrainer(model=model, args=make_args(tmp_path, rounds=1, steps_per_round=1, freeze_heads=True),
+                    task_datasets=data)
+    tr.train()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not model.training
+    assert all(torch.equal(heads0[k], v) for k, v in model.heads_state_dict().items())  # heads were frozen
+    assert torch.equal(model.backbone.get_parameter(frozen), frozen0)  # the caller's frozen tensor too
+    # a later trainer without freeze_heads trains the heads again
+    ATMTrainer(model=model, args=make_args(tmp_path / "2", rounds=1, steps_per_round=1), task_datasets=data).train()
+    assert not all(torch.equal(heads0[k], v) for k, v in model.heads_state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_lora_leaves_the_callers_requires_grad_flags(tmp_path, data):
+    """peft freezes the base weights while an adapter is in; the caller's flags come back as they were."""
+    model = make_model()
+    model.backbone.get_parameter(next(n for n, _ in model.backbone.named_parameters())).requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    args = make_args(tmp_path, rounds=1, steps_per_round=1, lora_r=2, lora_target_modules=["q_proj", "v_proj"])
+    ATMTrainer(model=model, args=args, task_datasets=data).train()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def _best_args(tmp_path, **kw):
+    return make_args(tmp_path, rounds=3, steps_per_round=2, save_strategy="epoch", eval_strategy="epoch",
+                     load_best_model_at_end=True, logging_strategy="no", **kw)
+
+
+def test_pa_load_best_model_at_end_keeps_the_best_round(tmp_path, data):
+    """A learning rate that wrecks the model: later rounds are worse on validation, so PA with
+    load_best_model_at_end ends on round 0 (the starting model), not on the last round (its checkpoint)."""
+    model = make_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = ATMTrainer(model=model, args=_best_args(tmp_path, learning_rate=1e3), task_datasets=data)
+    tr.train()
+    scores = [h["mean_accuracy"] for h in tr.history]
+    assert tr.best_round == scores.index(max(scores)) == 0 and max(scores[1:]) < scores[0]
+    assert tr.state.best_metric == scores[0]
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
+    last = make_model()
+    last.load_backbone_weights(tmp_path / "checkpoint-round-3")
+    assert not all(torch.equal(start[f"backbone.{k}"], v) for k, v in last.backbone.state_dict().items())
+
+
+def test_metric_for_best_model_and_best_checkpoint_kept_by_rotation(tmp_path, data):
+    """metric_for_best_model picks the round (without the eval_ prefix, as in Trainer); the best round's
+    checkpoint survives save_total_limit; the model holds that checkpoint's weights."""
+    tr = ATMTrainer(model=make_model(), args=_best_args(tmp_path, learning_rate=5.0, save_total_limit=1,
+                                                        metric_for_best_model="high_accuracy"),
+                    task_datasets=data)
+    tr.train()
+    scores = [h["accuracy"]["high"] for h in tr.history]
+    best = scores.index(max(scores))
+    assert tr.best_round == best
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-round-*"))
+    assert "checkpoint-round-3" in kept and len(kept) <= 2
+    if best > 0:
+        assert f"checkpoint-round-{best}" in kept
+        assert tr.state.best_model_checkpoint == str(tmp_path / f"checkpoint-round-{best}")
+        ref = make_model()
+        ref.load_backbone_weights(tmp_path / f"checkpoint-round-{best}")
+        ref.load_heads(tmp_path / f"checkpoint-round-{best}")
+        sa, sb = tr.model.state_dict(), ref.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_arithmetic_task_vector_and_apply_delta():
+    """task_vector is after - before in float32 (float64 kept); apply_delta_ rounds base + delta once to the
+    tensor's dtype, resets names the delta lacks to base, and with base=None leaves them alone."""
+    from hf_atm.atm.rounds import apply_delta_, default_merge_scale, task_vector
+
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(5, generator=g).bfloat16(), "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    after = {k: v + 0.25 for k, v in base.items()}
+    tau = task_vector(after, base)
+    assert tau["a"].dtype == torch.float32 and tau["b"].dtype == torch.float64
+    assert torch.equal(tau["a"], after["a"].float() - base["a"].float())
+    out = {}
+    assert task_vector(after, base, out) is out and torch.equal(out["b"], tau["b"])
+    tensors = {k: torch.zeros_like(v) for k, v in base.items()}
+    apply_delta_(tensors, base, {"a": tau["a"]})
+    assert torch.equal(tensors["a"], (base["a"].float() + tau["a"]).bfloat16())
+    assert torch.equal(tensors["b"], base["b"])
+    apply_delta_(tensors, None, {"b": tau["b"]})
+    assert torch.equal(tensors["b"], base["b"] + tau["b"])
+    assert default_merge_scale("task_arithmetic", 4) == 0.25 and default_merge_scale("ties", 4) == 1.0
+
+
+def test_history_entry_round_trip_and_checkpoint_rotation_spares_the_best(tmp_path):
+    from hf_atm.atm.checkpoints import list_checkpoints, write_checkpoint
+    from hf_atm.atm.history import HistoryEntry, load_history, write_history
+
+    e = HistoryEntry.build(1, {"a": 0.5, "b": 1.0}, tasks=["a", "b"], split="validation",
+                           reference={"a": 1.0, "b": 0.5}, cosine=[[1.0, 0.5], [0.5, 1.0]], steps=4)
+    d = e.to_dict()
+    assert list(d)[:9] == ["round", "accuracy", "mean_accuracy", "normalized_accuracy", "mean_normalized_accuracy",
+                           "cosine", "mean_cosine", "tasks", "split"]
+    assert "method" not in d and "merged_tasks" not in d  # optional fields only when set
+    assert d["mean_accuracy"] == 0.75 and d["mean_normalized_accuracy"] == 1.25 and d["mean_cosine"] == 0.5
+    write_history([e, {**d, "round": 2, "mean_cosine": float("nan")}], tmp_path)
+    back = load_history(tmp_path)
+    assert back[0] == d and back[1]["mean_cosine"] is None
+    assert HistoryEntry.from_dict(back[0]) == e
+
+    def writer(folder):
+        (folder / "state.json").write_text("{}")
+
+    for limit, expected in ((3, [1, 3, 4]), (2, [1, 4]), (1, [1, 4])):  # the best (1) and the latest stay
+        for k in (1, 2, 3, 4):
+            write_checkpoint(tmp_path, k, writer, state_file="state.json", save_total_limit=limit,
+                             keep=tmp_path / "checkpoint-round-1")
+        assert [k for k, _ in list_checkpoints(tmp_path, "state.json")] == expected
+    write_checkpoint(tmp_path, 5, writer, state_file="state.json", save_total_limit=1)
+    assert [k for k, _ in list_checkpoints(tmp_path, "state.json")] == [5]
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".staging-*"))
+
+
+def test_tune_task_is_the_public_per_task_unit(tmp_path, data):
+    """tune_task from the current weights returns theta_tuned - theta and the tuned head; the same seed from
+    the same start gives the same bits (what a federated node and the in-process round rely on)."""
+    model = make_model(dropout=0.1)
+    tr = ATMTrainer(model=model, args=make_args(tmp_path), task_datasets=data)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tr.begin_round(2)
+    res = tr.tune_task("parity", 1, steps=2)
+    assert res.task == "parity" and res.steps == 2 and res.lora_delta is None and math.isfinite(res.loss)
+    after = model.backbone_tensors()
+    assert all(torch.equal(res.task_vector[n], after[n] - start[f"backbone.{n}"]) for n in after)
+    assert torch.equal(res.head_state["weight"], model.heads["parity"].weight)
+    assert torch.equal(model.heads["digit"].weight, start["heads.digit.weight"])  # other heads untouched
+    assert tr.state.epoch == 1.0
+    model.load_state_dict(start)
+    again = tr.tune_task("parity", 1, steps=2, seed=tr.task_seed(1, "parity"))
+    assert all(torch.equal(res.task_vector[n], again.task_vector[n]) for n in after)
+
+
+def test_push_to_hub_pushes_once_from_save_model_not_from_train(tmp_path, data, monkeypatch):
+    """As with Trainer: train() pushes nothing; save_model() with push_to_hub=True pushes the saved folder once
+    (it used to push from both, so every recipe run uploaded twice). The push API is a local stub here."""
+    calls = []
+
+    def fake_push(folder, repo_id, *, private=False, revision=None, commit_message=None, token=None):
+        calls.append(repo_id)
+        return "https://hub/commit/1"
+
+    monkeypatch.setitem(sys.modules, "hf_atm.hub.push", types.SimpleNamespace(push_folder=fake_push))
+    tr = ATMTrainer(model=make_model(), task_datasets=data,
+                    args=make_args(tmp_path / "out", rounds=1, steps_per_round=1, push_to_hub=True,
+                                   hub_model_id="me/atm-once"))
+    tr.train()
+    assert calls == []
+    tr.save_model()
+    assert calls == ["me/atm-once"]

@@ -14,23 +14,9 @@ from hf_atm.merging.config import MergeConfig
 from hf_atm.merging.engine import merge_checkpoints, merge_state_dicts_in_memory, run_merge
 from hf_atm.merging.spec import METHODS, MergeSpec
 from tests.helpers import load_checkpoint, make_bert_checkpoints, save_raw_checkpoint
-
-SPECS = {
-    "average": MergeSpec("average", weights=(0.2, 0.5, 1.3)),
-    "task_arithmetic": MergeSpec("task_arithmetic", weights=(0.3, 0.7, 1.1), scale=0.8),
-    "ties": MergeSpec("ties", density=0.3),
-    "dare_linear": MergeSpec("dare_linear", density=0.5, seed=3),
-    "dare_ties": MergeSpec("dare_ties", density=0.6, seed=4, majority_sign_method="frequency"),
-    "breadcrumbs": MergeSpec("breadcrumbs", density=0.8, gamma=0.05),
-    "tsv": MergeSpec("tsv"),
-    "iso_c": MergeSpec("iso_c", scale=0.5),
-    "linear": MergeSpec("linear", weights=(1.0, 2.0, 1.0)),
-    "breadcrumbs_ties": MergeSpec("breadcrumbs_ties", density=0.8, gamma=0.05, majority_sign_method="frequency"),
-    "della": MergeSpec("della", density=0.6, epsilon=0.1, seed=2),
-    "della_linear": MergeSpec("della_linear", weights=(0.5, 1.0, 1.5), density=0.7, seed=5),
-    "model_stock": MergeSpec("model_stock"),
-    "slerp": MergeSpec("slerp", t=0.3),
-}
+from tests.merge_cases import SPECS
+from tests.merge_cases import assert_bit_equal as _assert_bit_equal
+from tests.merge_cases import merge_config as _config
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +24,6 @@ def ckpts(tmp_path_factory):
     """A tiny BERT base and 3 models, saved sharded (several shards each)."""
     root = tmp_path_factory.mktemp("ckpts")
     return make_bert_checkpoints(root, 3, hidden=32, layers=2, max_shard_size="40KB")
-
-
-def _config(base, models, out, spec, **kw):
-    return MergeConfig(base=str(base), models=[str(m) for m in models], output=str(out), spec=spec,
-                       progress=False, **kw)
-
-
-def _assert_bit_equal(a: dict, b: dict):
-    assert list(a) == list(b) or set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].contiguous().view(-1).view(torch.uint8)), k
 
 
 def test_every_method_is_covered():

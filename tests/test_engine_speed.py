@@ -28,23 +28,12 @@ from hf_atm.merging.io import CheckpointReader, ShardedWriter
 from hf_atm.merging.pipeline import InFlight
 from hf_atm.merging.spec import METHODS, MergeSpec, merge_tensor
 from tests.helpers import load_checkpoint, make_bert_checkpoints, save_raw_checkpoint
+from tests.merge_cases import SPECS as BASE_SPECS
+from tests.merge_cases import assert_bit_equal as _assert_bit_equal
+from tests.merge_cases import bits as _bits
+from tests.merge_cases import merge_config as _config
 
-SPECS = {
-    "average": MergeSpec("average", weights=(0.2, 0.5, 1.3)),
-    "task_arithmetic": MergeSpec("task_arithmetic", weights=(0.3, 0.7, 1.1), scale=0.8),
-    "ties": MergeSpec("ties", density=0.3),
-    "dare_linear": MergeSpec("dare_linear", density=0.5, seed=3),
-    "dare_ties": MergeSpec("dare_ties", density=0.6, seed=4, majority_sign_method="frequency"),
-    "breadcrumbs": MergeSpec("breadcrumbs", density=0.8, gamma=0.05),
-    "tsv": MergeSpec("tsv"),
-    "iso_c": MergeSpec("iso_c", scale=0.5),
-    "linear": MergeSpec("linear", weights=(1.0, 2.0, 1.0)),
-    "breadcrumbs_ties": MergeSpec("breadcrumbs_ties", density=0.8, gamma=0.05, normalize=True),
-    "della": MergeSpec("della", density=0.6, epsilon=0.1, seed=2),
-    "della_linear": MergeSpec("della_linear", weights=(0.5, 1.0, 1.5), density=0.7, seed=5),
-    "model_stock": MergeSpec("model_stock"),
-    "slerp": MergeSpec("slerp", t=0.3),
-}
+SPECS = {**BASE_SPECS, "breadcrumbs_ties": MergeSpec("breadcrumbs_ties", density=0.8, gamma=0.05, normalize=True)}
 #: on a GPU these give the CPU's bits: element-wise arithmetic and exact cuts / CPU-drawn masks only (weighted
 #: sums use fused multiply-adds on both devices); the others reduce (norms, sums, SVD, ranks) and match to rounding.
 GPU_BIT_EXACT = {"average", "task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -62,22 +51,6 @@ def ckpts(tmp_path_factory):
 def refs(ckpts):
     base, models = ckpts
     return load_checkpoint(base), [load_checkpoint(m) for m in models]
-
-
-def _config(base, models, out, spec, **kw):
-    return MergeConfig(base=str(base), models=[str(m) for m in models], output=str(out), spec=spec,
-                       progress=False, **kw)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
-def _assert_bit_equal(a: dict, b: dict):
-    assert set(a) == set(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(_bits(a[k]), _bits(b[k])), k
 
 
 def _with_stream(monkeypatch, **kw):
@@ -398,10 +371,10 @@ def test_magnitude_cut_equals_the_sorted_rule(kind, dtype):
         assert cut == M.magnitude_cut(mag, k)
         assert M.magnitude_cuts(mag.clone(), [k], again=lambda: mag)[0] == cut  # partitioned in place
         keep = ref.first_k(k)
-        assert torch.equal(M._cut_mask(mag, cut), keep), k
-        assert torch.equal(M._cut_mask(mag, M.MagnitudeCut(cut.threshold, cut.ties)), keep), k  # counting path
+        assert torch.equal(M.cut_mask(mag, cut), keep), k
+        assert torch.equal(M.cut_mask(mag, M.MagnitudeCut(cut.threshold, cut.ties)), keep), k  # counting path
         if 0 < k < n:
-            assert M._kth_largest(mag.reshape(-1), k) == ref.cut(k)[0]
+            assert M.kth_largest(mag.reshape(-1), k) == ref.cut(k)[0]
         if k in (n // 5, n - 1) and dtype != torch.bfloat16:
             # any slice, any order, through the stateless cursor; trim = where(mask, values, 0)
             cursor = M.CutCursor(cut)
@@ -417,7 +390,7 @@ def test_magnitude_cut_equals_the_sorted_rule(kind, dtype):
 def test_streamed_cuts_equal_the_sorted_rule(kind):
     """The one-pass bracketed cut over chunks of |M - BASE| (never stored), fallbacks included (all-equal
     magnitudes gather too much, "sampled_zero" makes the bracket miss, a NaN goes to the whole-tensor path)."""
-    n = M._STREAM_MIN * 5 + 123
+    n = M.STREAM_MIN * 5 + 123
     mag = _magnitudes("randn" if kind == "nan" else kind, n, seed=79)
     if kind == "nan":
         mag[777] = math.nan
@@ -437,7 +410,7 @@ def test_streamed_cuts_equal_the_sorted_rule(kind):
             assert cut.finite is False
             continue
         assert (cut.threshold, cut.ties) == ref.cut(k), k
-        assert torch.equal(M._cut_mask(exact, cut), ref.first_k(k)), k
+        assert torch.equal(M.cut_mask(exact, cut), ref.first_k(k)), k
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
@@ -465,7 +438,7 @@ def test_all_equal_magnitudes_keep_the_first_k():
     mag = torch.full((1000,), 2.0)
     cut = M.magnitude_cut(mag, 300)
     assert (cut.threshold, cut.ties, cut.tie_end) == (2.0, 300, 300)
-    assert torch.equal(M._cut_mask(mag, cut), torch.arange(1000) < 300)
+    assert torch.equal(M.cut_mask(mag, cut), torch.arange(1000) < 300)
 
 
 def test_cut_magnitudes_are_not_modified():
@@ -579,7 +552,7 @@ def test_non_finite_values_fall_back_to_the_reference(bad):
     taus[1][3, 4] = bad
     flat = [t.reshape(-1) for t in taus]
     for normalize in (None, True):
-        got = M._elect_and_mean_slice(flat, [None] * 3, [1.0, -2.0, 0.5], "total", normalize)
+        got = M.elect_and_mean_slice(flat, [None] * 3, [1.0, -2.0, 0.5], "total", normalize)
         want = _elect_where(flat, [None] * 3, [1.0, -2.0, 0.5], "total", normalize)
         assert torch.equal(_bits(got), _bits(want))
         keeps = [_first_k(t.abs().nan_to_num(nan=0.0), 300).reshape(-1) for t in taus]

@@ -12,13 +12,17 @@ import os
 
 import pytest
 import torch
+from federated_faults import TrainFault
 from flwr.app import MessageType
 from scripts.atm_data import TASK_LABELS, digits_tasks, tiny_vit
 
 from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel
+from hf_atm.atm.collector import merge_round
 from hf_atm.atm.distributed import round_spec
 from hf_atm.errors import CheckpointError, MergeConfigError
 from hf_atm.federated import FederatedATMConfig
+from hf_atm.federated.aggregation import round_merge_spec
+from hf_atm.federated.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
 from hf_atm.federated.client import make_client_app
 from hf_atm.federated.compression import (
     Compression,
@@ -28,18 +32,10 @@ from hf_atm.federated.compression import (
     record_nbytes,
     roundtrip,
 )
+from hf_atm.federated.protocol import REC_BACKBONE
+from hf_atm.federated.secagg import secagg_client_transform, secagg_delta
 from hf_atm.federated.server import run_federated
 from hf_atm.federated.simulation import LocalGrid, run_flower_simulation
-from hf_atm.federated.strategy import (
-    REC_BACKBONE,
-    latest_checkpoint,
-    list_checkpoints,
-    merge_task_vectors,
-    round_merge_spec,
-    save_checkpoint,
-    secagg_client_transform,
-    secagg_delta,
-)
 from hf_atm.merging.spec import MergeSpec, merge_deltas
 
 TASKS = ("digit", "high", "parity")  # sorted: partition-id i holds TASKS[i]
@@ -71,17 +67,17 @@ def test_round_spec_mean_is_fedavg_and_matches_atm():
     # all arrived, uniform: exactly ATMTrainer's spec of the round (scale 1/n, per-round seed)
     spec = round_merge_spec(base, tasks, tasks, 4)
     assert spec == round_spec(base, 4)
-    delta, gram = merge_task_vectors(spec, taus, ["w", "b"], {"w": (6, 5), "b": (5,)}, compute_cosine=True)
+    delta, gram = merge_round(spec, dict(zip(tasks, taus)), {"w": (6, 5), "b": (5,)}, compute_cosine=True)
     for k in ("w", "b"):
         torch.testing.assert_close(delta[k], (taus[0][k] + taus[1][k] + taus[2][k]) / 3)
     assert gram.shape == (3, 3) and gram[0, 0] > 0
     # a missing task: the mean of those that arrived (FedAvg with equal weights)
     spec2 = round_merge_spec(base, tasks, ["a", "c"], 4)
-    d2, _ = merge_task_vectors(spec2, [taus[0], taus[2]], ["w", "b"], {"w": (6, 5), "b": (5,)})
+    d2, _ = merge_round(spec2, {"a": taus[0], "c": taus[2]}, {"w": (6, 5), "b": (5,)})
     torch.testing.assert_close(d2["w"], (taus[0]["w"] + taus[2]["w"]) / 2)
     # example-count weights: FedAvg's n_i / sum n over the arrived ones
     spec3 = round_merge_spec(base, tasks, ["a", "b"], 1, weighting="examples", num_examples={"a": 10, "b": 30, "c": 5})
-    d3, _ = merge_task_vectors(spec3, taus[:2], ["w"], {"w": (6, 5)})
+    d3, _ = merge_round(spec3, {"a": taus[0], "b": taus[1]}, {"w": (6, 5)})
     torch.testing.assert_close(d3["w"], 0.25 * taus[0]["w"] + 0.75 * taus[1]["w"])
     # explicit per-task weights are restricted to the arrived tasks
     wbase = MergeSpec("task_arithmetic", weights=(1.0, 2.0, 3.0), scale=1 / 3)
@@ -97,7 +93,7 @@ def test_any_merge_method_goes_through_merge_deltas(method):
     taus = _taus(seed=1)
     del taus[1]["b"]  # a vector without a tensor counts as zeros there (LoRA rounds)
     spec = round_merge_spec(base, ["x", "y", "z"], ["x", "y", "z"], 2)
-    delta, _ = merge_task_vectors(spec, taus, ["w", "b", "unused"], {"w": (6, 5), "b": (5,), "unused": (2,)})
+    delta, _ = merge_round(spec, dict(zip("xyz", taus)), {"w": (6, 5), "b": (5,), "unused": (2,)})
     assert set(delta) == {"w", "b"}
     torch.testing.assert_close(delta["w"], merge_deltas(spec, [t["w"] for t in taus], "w"))
     torch.testing.assert_close(delta["b"], merge_deltas(spec, [taus[0]["b"], torch.zeros(5), taus[2]["b"]], "b"))
@@ -117,7 +113,7 @@ def test_secagg_sum_recovers_the_merge(method, weighting, weights):
     base = MergeSpec(method, weights=weights, scale=1.0)
     taus = dict(zip(tasks, _taus(seed=2)))
     spec = round_merge_spec(base, tasks, arrived, 3, weighting=weighting, num_examples=counts)
-    expected, _ = merge_task_vectors(spec, [taus[t] for t in arrived], ["w", "b"], {"w": (6, 5), "b": (5,)})
+    expected, _ = merge_round(spec, {t: taus[t] for t in arrived}, {"w": (6, 5), "b": (5,)})
 
     def raw(t):
         return float(counts[t]) if weighting == "examples" else (weights[tasks.index(t)] if weights else 1.0)
@@ -258,8 +254,8 @@ def in_process(base_dir, tmp_path_factory):
     return tr
 
 
-def run_grid(cfg, grid_cls=LocalGrid):
-    grid = grid_cls(make_client_app(cfg), [{"partition-id": i} for i in range(len(TASKS))])
+def run_grid(cfg, grid_cls=LocalGrid, faults=()):
+    grid = grid_cls(make_client_app(cfg, mods=list(faults)), [{"partition-id": i} for i in range(len(TASKS))])
     return run_federated(grid, cfg), grid
 
 
@@ -292,8 +288,8 @@ def test_flower_simulation_engine_equals_in_process_atm(base_dir, in_process, tm
 def test_client_failure_does_not_stop_the_run(base_dir, tmp_path):
     """The node of 'parity' raises in round 2: the round merges the two vectors that arrived, history says
     who was missing and why, the node is evaluated again and trains in round 3."""
-    cfg = fed_config(base_dir, tmp_path / "fault", rounds=3, fail_task="parity", fail_round=2, min_clients=2)
-    strategy, _ = run_grid(cfg)
+    cfg = fed_config(base_dir, tmp_path / "fault", rounds=3, min_clients=2)
+    strategy, _ = run_grid(cfg, faults=[TrainFault("parity", round=2)])
     h = strategy.history
     assert [e["round"] for e in h] == [0, 1, 2, 3]
     assert h[2]["missing_train"] == ["parity"] and h[2]["merged_tasks"] == ["digit", "high"]
@@ -307,8 +303,8 @@ def test_client_failure_does_not_stop_the_run(base_dir, tmp_path):
 
 
 def test_too_few_clients_skip_the_round(base_dir, tmp_path):
-    cfg = fed_config(base_dir, tmp_path / "skip", rounds=1, fail_task="parity", fail_round=1, min_clients=3)
-    strategy, _ = run_grid(cfg)
+    cfg = fed_config(base_dir, tmp_path / "skip", rounds=1, min_clients=3)
+    strategy, _ = run_grid(cfg, faults=[TrainFault("parity", round=1)])
     entry = strategy.history[1]
     assert entry["skipped"] and entry["missing_train"] == ["parity"]
     start = MultiTaskModel.from_backbone(str(base_dir), {t: TASK_LABELS[t] for t in TASKS})
@@ -347,8 +343,8 @@ def test_secure_aggregation_with_a_dropout(base_dir, in_process, tmp_path):
     """SecAgg+ (Flower's secaggplus_mod and SecAggPlusWorkflow): the server receives only masked vectors,
     round 1 equals the plain merge up to the quantization step, and a node failing in round 2 is dropped
     from the sum without stopping the run."""
-    cfg = fed_config(base_dir, tmp_path / "secagg", secure_aggregation=True, fail_task="parity", fail_round=2)
-    strategy, grid = run_grid(cfg, RecordingGrid)
+    cfg = fed_config(base_dir, tmp_path / "secagg", secure_aggregation=True)
+    strategy, grid = run_grid(cfg, RecordingGrid, faults=[TrainFault("parity", round=2)])
     h = strategy.history
     assert h[1]["merged_tasks"] == list(TASKS) and h[1]["cosine"] is None
     assert h[2]["missing_train"] == ["parity"] and h[2]["merged_tasks"] == ["digit", "high"]
@@ -391,16 +387,15 @@ def test_compressed_traffic_keeps_nodes_in_sync(base_dir, tmp_path):
 def test_a_node_past_the_timeout_is_missing(base_dir, tmp_path):
     """A node that hangs past round_timeout in the train step is missing from that round's merge; its late
     reply is dropped and it trains again in the next round."""
-    cfg = fed_config(base_dir, tmp_path / "hang", rounds=2, fail_task="high", fail_round=1, fail_mode="hang",
-                     fail_seconds=6.0, round_timeout=5.0)
-    strategy, _ = run_grid(cfg)
+    cfg = fed_config(base_dir, tmp_path / "hang", rounds=2, round_timeout=5.0)
+    strategy, _ = run_grid(cfg, faults=[TrainFault("high", round=1, mode="hang", seconds=6.0)])
     h = strategy.history
     assert h[1]["missing_train"] == ["high"] and h[1]["merged_tasks"] == ["digit", "parity"]
     assert h[2]["missing_train"] == [] and h[2]["missing_eval"] == []
 
 
 def test_error_reasons_are_one_line():
-    from hf_atm.federated.strategy import short_reason
+    from hf_atm.federated.protocol import short_reason
 
     ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
            "  File x\nException ClientAppException occurred. Message: injected fault: task 'a' (round 2)'>")
@@ -410,7 +405,8 @@ def test_error_reasons_are_one_line():
 
 @pytest.mark.skipif(not os.environ.get("HF_ATM_SLOW_TESTS"), reason="set HF_ATM_SLOW_TESTS=1 (a second Ray run, ~30 s)")
 def test_flower_simulation_engine_secure_aggregation_with_a_dropout(base_dir, tmp_path):
-    cfg = fed_config(base_dir, tmp_path / "simsec", secure_aggregation=True, fail_task="parity", fail_round=2)
-    history = run_flower_simulation(cfg, backend_config={"init_args": {"num_cpus": 1}})
+    cfg = fed_config(base_dir, tmp_path / "simsec", secure_aggregation=True)
+    history = run_flower_simulation(cfg, backend_config={"init_args": {"num_cpus": 1}},
+                                    client_mods=[TrainFault("parity", round=2)])
     assert history[1]["merged_tasks"] == list(TASKS)
     assert history[2]["missing_train"] == ["parity"] and "injected fault" in history[2]["errors"]["secagg"]

@@ -94,9 +94,9 @@ import json, sys, time, traceback, urllib.request
 from pathlib import Path
 from huggingface_hub import constants
 from hf_atm.errors import HfAtmError
-from hf_atm.hub.preflight import check_hub_inputs
+from hf_atm.lora.merge import check_hub_inputs
 from hf_atm.merging.config import MergeConfig
-from hf_atm.merging.engine import run_merge
+from hf_atm.lora.merge import run_merge
 from hf_atm.merging.spec import MergeSpec
 
 root = Path(sys.argv[1])
@@ -249,7 +249,7 @@ def offline_cache(mirror_run, monkeypatch):
 def test_offline_check_reads_cached_headers_without_requests(offline_cache):
     """HF_HUB_OFFLINE: the check reads the cached files (no request reaches the mirror); an input not in the
     cache is skipped (resolving it then raises the usual HubError)."""
-    from hf_atm.hub.preflight import check_hub_inputs
+    from hf_atm.lora.merge import check_hub_inputs
 
     proxy = offline_cache["proxy"]
     before = len(proxy.requests)
@@ -262,7 +262,7 @@ def test_offline_check_reads_cached_headers_without_requests(offline_cache):
 
 
 def test_local_only_merges_are_not_inspected(tmp_path):
-    from hf_atm.hub.preflight import check_hub_inputs
+    from hf_atm.lora.merge import check_hub_inputs
 
     (tmp_path / "a").mkdir()
     check_hub_inputs(str(tmp_path / "a"), [str(tmp_path / "missing")])  # the engine reports these itself

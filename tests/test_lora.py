@@ -390,6 +390,31 @@ def test_merge_command_reads_adapters_as_models(bert, tmp_path):
         assert torch.equal(got[name], t), name
 
 
+def test_public_run_merge_reads_adapters_and_the_bare_engine_names_them(bert, tmp_path):
+    """hf_atm.lora.merge.run_merge (the public entry point) merges adapters given no base, taking the base they
+    name; the engine with its default sources (full checkpoints only) refuses an adapter, naming it."""
+    from hf_atm.lora.merge import run_merge
+    from hf_atm.merging import engine
+    from hf_atm.merging.config import MergeConfig
+
+    adapters = [str(a) for a in bert["adapters"][:2]]
+    spec = MergeSpec(method="task_arithmetic")
+    result = run_merge(MergeConfig(base=None, models=adapters, output=str(tmp_path / "out"), spec=spec,
+                                   progress=False))
+    reference = merge_state_dicts_in_memory(spec, bert["base_sd"], [{n: m[n] for n in bert["base_sd"]}
+                                                                    for m in bert["merged"][:2]])
+    got = load_file(result.output / "model.safetensors")
+    assert all(torch.equal(got[name], t) for name, t in reference.items())
+    bare = MergeConfig(base=str(bert["base"]), models=adapters, output=str(tmp_path / "bare"), spec=spec,
+                       progress=False)
+    with pytest.raises(CheckpointError, match="LoRA adapter") as info:
+        engine.run_merge(bare)
+    assert adapters[0] in str(info.value) and not (tmp_path / "bare").exists()
+    with pytest.raises(MergeConfigError, match="give --base"):
+        engine.run_merge(MergeConfig(base=None, models=adapters, output=str(tmp_path / "nobase"), spec=spec,
+                                     progress=False))
+
+
 def test_merge_command_lora_output(bert, tmp_path, capsys):
     from hf_atm.cli import main
 

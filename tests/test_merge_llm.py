@@ -24,7 +24,7 @@ from hf_atm.merging.config import MergeConfig
 from hf_atm.merging.engine import run_merge
 from hf_atm.merging.spec import MergeSpec, merge_tensor
 from tests.helpers import save_raw_checkpoint
-from tests.llm_fixtures import BPE_VOCAB_SIZE, make_causal_lm
+from tests.llm_fixtures import BPE_VOCAB_SIZE, make_causal_lm, make_vocab_checkpoints
 
 L = 4  # layers of the tiny llama / qwen2 checkpoints
 V = BPE_VOCAB_SIZE
@@ -58,11 +58,8 @@ def qwen(tmp_path_factory):
 def vocab(tmp_path_factory):
     """A llama base and two fine-tunes that each add a token: ft1 a special one, ft2 a plain added token and its
     own chat template (embeddings resized)."""
-    root = tmp_path_factory.mktemp("vocab")
-    base = make_causal_lm(root / "base", "llama", num_layers=1)
-    ft1 = make_causal_lm(root / "ft1", base=base, special_tokens=[TOOL], seed=1)
-    ft2 = make_causal_lm(root / "ft2", base=base, tokenizer_extra_tokens=[THINK], chat_template=TEMPLATE, seed=2)
-    return base, ft1, ft2
+    return make_vocab_checkpoints(tmp_path_factory.mktemp("vocab"), dict(special_tokens=[TOOL]),
+                                  dict(tokenizer_extra_tokens=[THINK], chat_template=TEMPLATE))
 
 
 def _sd(folder: Path) -> dict[str, torch.Tensor]:

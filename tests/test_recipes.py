@@ -4,10 +4,12 @@ minutes to pre-train), the text recipe on the bundled all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,30 @@ def test_recipe_refuses_an_unknown_option(tmp_path):
     assert proc.returncode != 0
     assert "no_such_option" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _recipes_common(monkeypatch):
+    """recipes/common.py, imported as the recipes import it (``common``, from their own folder)."""
+    spec = importlib.util.spec_from_file_location("common", ROOT / "recipes" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "common", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_defaults_give_way_to_the_command_line(monkeypatch, tmp_path):
+    """Shared defaults < a recipe's own defaults < the command line, for ATMConfig and script options alike."""
+    common = _recipes_common(monkeypatch)
+
+    @dataclass
+    class Options:
+        baselines: bool = True
+
+    monkeypatch.setattr(sys, "argv", ["recipe.py", "--rounds", "7", "--weight_decay", "0.5", "--baselines", "False",
+                                      "--output_dir", str(tmp_path / "out")])
+    script, args = common.parse_args(Options, output_dir="outputs/x", rounds=4, learning_rate=1e-3,
+                                     save_total_limit=5)
+    assert script.baselines is False
+    assert (args.rounds, args.weight_decay, args.output_dir) == (7, 0.5, str(tmp_path / "out"))  # command line
+    assert (args.learning_rate, args.save_total_limit) == (1e-3, 5)  # the recipe's defaults over the shared ones
+    assert (args.logging_steps, args.report_to, args.dataloader_num_workers) == (20, [], 0)  # shared defaults

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from llm_fixtures import BPE_VOCAB_SIZE, make_causal_lm, make_tokenizer
+from llm_fixtures import BPE_VOCAB_SIZE, make_causal_lm, make_tokenizer, make_vocab_checkpoints
 from safetensors.torch import load_file, save_file
 
 from hf_atm.errors import CheckpointError, MergeConfigError
@@ -36,11 +36,8 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """An untied llama base and two fine-tunes: ft1 adds <tool>, ft2 adds the special <|im_start|> + a template."""
-    root = tmp_path_factory.mktemp("vocab")
-    base = make_causal_lm(root / "base", "llama", num_layers=1)
-    ft1 = make_causal_lm(root / "ft1", base=base, tokenizer_extra_tokens=[TOOL], seed=1)
-    ft2 = make_causal_lm(root / "ft2", base=base, special_tokens=[IM], chat_template=TEMPLATE, seed=2)
-    return base, ft1, ft2
+    return make_vocab_checkpoints(tmp_path_factory.mktemp("vocab"), dict(tokenizer_extra_tokens=[TOOL]),
+                                  dict(special_tokens=[IM], chat_template=TEMPLATE))
 
 
 def _union(ckpts, **kw):

@@ -14,9 +14,10 @@ Budget rule (``ATM.md``): at a budget of ``B`` epochs, every baseline fine-tunes
 * :func:`train_joint`: joint multi-task training: mixed batches drawn from the union of all tasks' training
   data, per-task heads, ``B`` epochs over the union.
 
-Results are dicts in the format of ATM's history entries (``round`` = the budget in epochs, ``accuracy``,
-``mean_accuracy``, ``normalized_accuracy``, ``mean_normalized_accuracy``, ``cosine``, ``tasks``, ``split``,
-``train_seconds``, ``merge_seconds``) plus ``method`` and, for merges, ``scale`` and ``validation_by_scale``.
+Results are dicts in the format of ATM's history entries (:class:`~hf_atm.atm.history.HistoryEntry`,
+``round`` = the budget in epochs) with ``method`` and, for merges, ``scale`` and ``validation_by_scale``.
+Every fine-tuning is :meth:`ATMTrainer.tune_task <hf_atm.atm.tuning.TaskTuning.tune_task>`; `model`'s
+requires_grad flags are never changed.
 Baselines run in one process (under several processes every process would repeat the same work).
 """
 
@@ -33,9 +34,12 @@ import torch
 from datasets import Value, concatenate_datasets
 
 from hf_atm.atm.config import ATMConfig
-from hf_atm.atm.evaluation import cosine_from_gram, mean_accuracy, mean_off_diagonal, normalized_accuracy
+from hf_atm.atm.evaluation import mean_accuracy, pairwise_cosine
+from hf_atm.atm.history import HistoryEntry
 from hf_atm.atm.model import MultiTaskModel
+from hf_atm.atm.rounds import apply_delta_
 from hf_atm.atm.trainer import ATMTrainer
+from hf_atm.atm.tuning import head_state, load_head_
 from hf_atm.errors import MergeConfigError
 from hf_atm.merging.spec import MergeSpec, merge_deltas, tensor_seed
 
@@ -55,16 +59,13 @@ def default_scale_grid(num_tasks: int) -> list[float]:
     return sorted(grid)
 
 
-def _budget_steps(trainer: ATMTrainer, task: str | None, budget_epochs: float | None, dataset: Any = None) -> int:
-    """Optimizer steps of a baseline fine-tuning at the budget (see the module docstring)."""
+def _budget_steps(trainer: ATMTrainer, task: str, budget_epochs: float | None) -> int:
+    """Optimizer steps of a baseline's fine-tuning of `task` at the budget (see the module docstring)."""
     args = trainer.args
     if budget_epochs is None and args.steps_per_round > 0:
         return args.rounds * args.steps_per_round
     epochs = budget_epochs if budget_epochs is not None else args.rounds * args.epochs_per_round
-    if dataset is None:
-        return trainer.steps_per_round(task, epochs=epochs)
-    nb = trainer._num_batches(dataset)
-    return max(1, int(math.ceil(epochs * -(-nb // args.gradient_accumulation_steps))))
+    return trainer.steps_per_round(task, epochs=epochs)
 
 
 def _budget_epochs(args: ATMConfig, budget_epochs: float | None) -> float:
@@ -74,27 +75,18 @@ def _budget_epochs(args: ATMConfig, budget_epochs: float | None) -> float:
 def _entry(trainer: ATMTrainer, acc: Mapping[str, float], split: str, budget: float, method: str,
            cos: list[list[float]] | None, train_s: float, merge_s: float,
            reference: Mapping[str, float] | None) -> dict[str, Any]:
-    norm = normalized_accuracy(acc, reference)
-    return {
-        "round": budget,
-        "accuracy": dict(acc),
-        "mean_accuracy": mean_accuracy(acc),
-        "normalized_accuracy": norm,
-        "mean_normalized_accuracy": mean_accuracy(norm) if norm is not None else None,
-        "cosine": cos,
-        "mean_cosine": mean_off_diagonal(cos),
-        "tasks": list(trainer.task_names),
-        "split": split,
-        "train_seconds": train_s,
-        "merge_seconds": merge_s,
-        "method": method,
-    }
+    return HistoryEntry.build(budget, acc, tasks=trainer.task_names, split=split, reference=reference, cosine=cos,
+                              train_seconds=train_s, merge_seconds=merge_s, method=method).to_dict()
 
 
 def _trainer(model: MultiTaskModel, args: ATMConfig, task_datasets: Mapping[str, Any], **kw: Any) -> ATMTrainer:
     tr = ATMTrainer(model=model, args=args, task_datasets=task_datasets, **kw)
     tr.model.zero_grad(set_to_none=True)
     return tr
+
+
+def _split_accuracies(tr: ATMTrainer, split: str) -> dict[str, float]:
+    return tr.accuracies({t: tr.task_data[t][split] for t in tr.task_names})
 
 
 @dataclass
@@ -144,41 +136,36 @@ def finetune_individual(
     budget = _budget_epochs(args, budget_epochs)
     tensors = model.backbone_tensors()
     base = {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
-    heads0 = {t: {k: v.detach().clone() for k, v in model.heads[t].state_dict().items()} for t in tr.task_names}
+    heads0 = {t: head_state(model, t) for t in tr.task_names}
     steps = {t: _budget_steps(tr, t, budget_epochs) for t in tr.task_names}
-    tr._init_state(sum(steps.values()), 1)
+    tr.begin_tuning(sum(steps.values()), 1)
     _train_begin(tr)
     task_vectors, heads, val_acc, test_acc = {}, {}, {}, {}
     train_s = 0.0
     has_test = all("test" in tr.task_data[t] for t in tr.task_names)
     for task in tr.task_names:
-        _restore_backbone(tensors, base)
-        _load_head(model, task, heads0[task])
-        seed = tensor_seed(args.seed, f"individual/{task}") % (2**32)
-        run = tr._finetune(task, tr.task_data[task][tr._train_split], steps=steps[task], seed=seed, round_idx=1)
-        train_s += run["train_seconds"]
-        if "tau" in run:  # LoRA: apply the adapter's delta to evaluate this task's model
-            tau = {n: v.cpu() for n, v in run["tau"].items()}
-            with torch.no_grad():
-                for n, d in tau.items():
-                    tensors[n].add_(d.to(tensors[n].device, tensors[n].dtype))
-        else:
-            tau = {n: _wide(t.detach().cpu()) - _wide(base[n]) for n, t in tensors.items()}
-        task_vectors[task] = tau
-        heads[task] = {k: v.detach().clone() for k, v in model.heads[task].state_dict().items()}
-        val_acc[task] = _own_accuracy(tr, task, tr._round_split)
+        apply_delta_(tensors, base, {})  # back to the common start
+        load_head_(model, task, heads0[task])
+        run = tr.tune_task(task, 1, steps=steps[task], seed=tensor_seed(args.seed, f"individual/{task}") % (2**32),
+                           carry_optimizer=False)
+        train_s += run.train_seconds
+        if run.lora_delta is not None:  # LoRA: apply the adapter's delta to evaluate this task's model
+            apply_delta_(tensors, None, run.lora_delta)
+        task_vectors[task] = {n: v.cpu() for n, v in run.task_vector.items()}
+        heads[task] = run.head_state
+        val_acc[task] = tr.task_accuracy(task, tr.task_data[task][tr.round_split])
         if has_test:
-            test_acc[task] = _own_accuracy(tr, task, "test")
+            test_acc[task] = tr.task_accuracy(task, tr.task_data[task]["test"])
     _train_end(tr)
-    _restore_backbone(tensors, base)
+    apply_delta_(tensors, base, {})
     for task in tr.task_names:
-        _load_head(model, task, heads0[task])
-    cos = _cosine(task_vectors, tr.task_names)
+        load_head_(model, task, heads0[task])
+    cos = pairwise_cosine([task_vectors[t] for t in tr.task_names])
     res = IndividualResult(base=base, task_vectors=task_vectors, heads=heads, validation_accuracy=val_acc,
                            test_accuracy=test_acc if has_test else None, budget_epochs=budget,
                            train_seconds=train_s)
-    res.entries[tr._round_split] = _entry(tr, val_acc, tr._round_split, budget, "individual", cos, train_s, 0.0,
-                                          None)
+    res.entries[tr.round_split] = _entry(tr, val_acc, tr.round_split, budget, "individual", cos, train_s, 0.0,
+                                         None)
     if has_test:
         res.entries["test"] = _entry(tr, test_acc, "test", budget, "individual", cos, train_s, 0.0, None)
     return res
@@ -191,37 +178,6 @@ def _train_begin(tr: ATMTrainer) -> None:
 
 def _train_end(tr: ATMTrainer) -> None:
     tr.control = tr.callback_handler.on_train_end(tr.args, tr.state, tr.control)
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision tensors (task vectors are computed in float32), float64 kept."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _own_accuracy(tr: ATMTrainer, task: str, split: str) -> float:
-    correct, total = tr._count_correct(task, tr.task_data[task][split])
-    return correct / total
-
-
-def _restore_backbone(tensors: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, t in tensors.items():
-            t.copy_(base[n])
-
-
-def _load_head(model: MultiTaskModel, task: str, state: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for k, p in model.heads[task].state_dict(keep_vars=True).items():
-            p.data.copy_(state[k])
-
-
-def _cosine(task_vectors: Mapping[str, Mapping[str, torch.Tensor]], tasks: Sequence[str]) -> list[list[float]]:
-    from hf_atm.atm.evaluation import accumulate_gram
-
-    gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
-    for name in sorted(task_vectors[tasks[0]]):
-        accumulate_gram(gram, [task_vectors[t][name] for t in tasks])
-    return cosine_from_gram(gram)
 
 
 @dataclass
@@ -274,44 +230,35 @@ def one_shot_merge(
     merge_s = time.perf_counter() - t0
     tensors = merged.backbone_tensors()
     for t in tasks:
-        _load_head(merged, t, individual.heads[t])
-    sel_split = tr._round_split
+        load_head_(merged, t, individual.heads[t])
+    sel_split = tr.round_split
+
+    def set_scale(s: float) -> None:
+        """backbone = base + s * combined (``average``: base + combined, the weighted mean of the models)."""
+        apply_delta_(tensors, individual.base,
+                     combined if method == "average" else {n: d * s for n, d in combined.items()})
+
     by_scale: dict[float, float] = {}
     best, best_acc = None, -math.inf
     for s in grid:
-        _set_merged(tensors, individual.base, combined, s, method)
-        acc = tr._accuracies({t: tr.task_data[t][sel_split] for t in tasks})
+        set_scale(s)
+        acc = _split_accuracies(tr, sel_split)
         by_scale[float(s)] = mean_accuracy(acc)
         if by_scale[float(s)] > best_acc + 1e-12 or (best is not None and by_scale[float(s)] == best_acc
                                                          and s < best):
             best, best_acc = float(s), by_scale[float(s)]
-    _set_merged(tensors, individual.base, combined, best, method)
-    cos = _cosine(individual.task_vectors, tasks)
+    set_scale(best)
+    cos = pairwise_cosine([individual.task_vectors[t] for t in tasks])
     budget = individual.budget_epochs
     entries = {}
-    acc = tr._accuracies({t: tr.task_data[t][sel_split] for t in tasks})
-    entries[sel_split] = _entry(tr, acc, sel_split, budget, method, cos, individual.train_seconds, merge_s,
-                                reference_accuracies)
-    if all("test" in tr.task_data[t] for t in tasks):
-        acc = tr._accuracies({t: tr.task_data[t]["test"] for t in tasks})
-        entries["test"] = _entry(tr, acc, "test", budget, method, cos, individual.train_seconds, merge_s,
-                                 reference_accuracies)
+    for split in (sel_split, "test"):
+        if all(split in tr.task_data[t] for t in tasks):
+            entries[split] = _entry(tr, _split_accuracies(tr, split), split, budget, method, cos,
+                                    individual.train_seconds, merge_s, reference_accuracies)
     for e in entries.values():
         e["scale"] = best
         e["validation_by_scale"] = dict(by_scale)
     return MergeResult(model=merged, entries=entries, scale=best, validation_by_scale=by_scale)
-
-
-def _set_merged(tensors: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
-                combined: Mapping[str, torch.Tensor], scale: float, method: str) -> None:
-    """backbone = base + scale * combined (``average``: base + combined, the weighted mean of the models)."""
-    with torch.no_grad():
-        for n, t in tensors.items():
-            if n in combined:
-                d = combined[n] if method == "average" else combined[n] * scale
-                t.copy_((base[n].to(d.dtype) + d).to(t.dtype))
-            else:
-                t.copy_(base[n])
 
 
 def train_joint(
@@ -331,30 +278,27 @@ def train_joint(
     names = model.task_names
     parts = []
     for t in tr.task_names:
-        ds = tr.task_data[t][tr._train_split].with_format(None)
+        ds = tr.task_data[t][tr.train_split].with_format(None)
         ds = ds.cast_column("labels", Value("int64"))
         parts.append(ds.add_column("task_ids", [names.index(t)] * len(ds)))
     union = concatenate_datasets(parts)
-    if tr.task_data[tr.task_names[0]][tr._train_split].format["type"] == "torch":
+    if tr.task_data[tr.task_names[0]][tr.train_split].format["type"] == "torch":
         union = union.with_format("torch")
     budget = _budget_epochs(args, budget_epochs)
     if budget_epochs is None and args.steps_per_round > 0:
         steps = args.rounds * args.steps_per_round * len(tr.task_names)  # same number of updates as ATM
     else:
-        steps = _budget_steps(tr, None, budget, dataset=union)
-    tr._init_state(steps, 1)
+        steps = tr.steps_for_epochs(union, budget)
+    tr.begin_tuning(steps, 1)
     _train_begin(tr)
-    run = tr._finetune(None, union, steps=steps, seed=tensor_seed(args.seed, "joint") % (2**32), round_idx=1)
+    run = tr.tune_task(None, 1, steps=steps, dataset=union, seed=tensor_seed(args.seed, "joint") % (2**32),
+                       carry_optimizer=False, task_vector=False)
     _train_end(tr)
-    if "tau" in run:
-        tensors = model.backbone_tensors()
-        with torch.no_grad():
-            for n, d in run["tau"].items():
-                tensors[n].add_(d.to(tensors[n].device, tensors[n].dtype))
+    if run.lora_delta is not None:
+        apply_delta_(model.backbone_tensors(), None, run.lora_delta)
     entries = {}
-    for split in (tr._round_split, "test"):
+    for split in (tr.round_split, "test"):
         if all(split in tr.task_data[t] for t in tr.task_names):
-            acc = tr._accuracies({t: tr.task_data[t][split] for t in tr.task_names})
-            entries[split] = _entry(tr, acc, split, budget, "joint", None, run["train_seconds"], 0.0,
-                                    reference_accuracies)
+            entries[split] = _entry(tr, _split_accuracies(tr, split), split, budget, "joint", None,
+                                    run.train_seconds, 0.0, reference_accuracies)
     return MergeResult(model=model, entries=entries)

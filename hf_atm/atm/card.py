@@ -10,15 +10,91 @@ Hub's ``"merge"`` relation means "a merge of the models listed in base_model", w
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-if TYPE_CHECKING:
-    from hf_atm.atm.trainer import ATMTrainer
+__all__ = ["RunSummary", "atm_model_card", "atm_options_record"]
 
-__all__ = ["atm_model_card"]
+#: the ATM fields and main training options recorded in ``atm_config.json`` and the run summary.
+_OPTION_KEYS = (
+    "atm_mode", "rounds", "epochs_per_round", "steps_per_round", "merge_method", "merge_scale",
+    "merge_weights", "merge_density", "merge_gamma", "merge_seed", "reset_optimizer_each_round",
+    "freeze_heads", "ph_select_fraction", "lora_r", "lora_alpha", "lora_target_modules", "learning_rate",
+    "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed",
+    "warmup_steps", "bf16",
+)
+
+
+def atm_options_record(args: Any) -> dict[str, Any]:
+    """The ATM fields and the main training options of an :class:`~hf_atm.atm.config.ATMConfig`, as written
+    to ``atm_config.json`` (no tokens, no paths)."""
+    out = {}
+    for k in _OPTION_KEYS:
+        v = getattr(args, k, None)
+        out[k] = v.value if hasattr(v, "value") else v
+    out["optim"] = str(getattr(args.optim, "value", args.optim))
+    out["lr_scheduler_type"] = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    return out
+
+
+@dataclass
+class RunSummary:
+    """What a model card says about an ATM run (built by ATMTrainer and by the federated server).
+
+    Attributes:
+        tasks: the task names (sorted).
+        history: the per-round history dicts (round 0 first).
+        best_round: the round whose weights the result holds (None: the last one).
+        test_metrics: ``{"eval_<task>_accuracy": ...}`` on ``test`` when it was evaluated.
+        atm_mode / merge_method: the run's mode (``pa`` / ``ph``) and in-loop merge method.
+        options: :func:`atm_options_record` of the run's arguments.
+        selection: the split the result's round was selected on (None: the last round was kept).
+        hub_model_id: the repo name the card defaults its title to.
+        base_model: the model the run started from (Hub id or local path; only its name is written).
+        pipeline_tag: ``text-classification`` or ``image-classification``.
+        reference_accuracies: the normalized-accuracy denominators, when given.
+    """
+
+    tasks: list[str]
+    history: list[dict[str, Any]]
+    best_round: int | None
+    test_metrics: dict[str, float] | None
+    atm_mode: str
+    merge_method: str
+    options: dict[str, Any]
+    selection: str | None = None
+    hub_model_id: str | None = None
+    base_model: str | None = None
+    pipeline_tag: str = "text-classification"
+    reference_accuracies: dict[str, float] | None = None
+
+    @classmethod
+    def of_run(
+        cls,
+        args: Any,
+        model: Any,
+        *,
+        tasks: Sequence[str],
+        history: Sequence[Mapping[str, Any]],
+        best_round: int | None,
+        test_metrics: Mapping[str, float] | None = None,
+        selection: str | None = None,
+        reference_accuracies: Mapping[str, float] | None = None,
+    ) -> RunSummary:
+        """The summary of a run with `args` (an ATMConfig) whose result is `model` (a MultiTaskModel)."""
+        base = getattr(model, "base_model", None)
+        return cls(
+            tasks=list(tasks), history=[dict(h) for h in history], best_round=best_round,
+            test_metrics=dict(test_metrics) if test_metrics else None, atm_mode=args.atm_mode,
+            merge_method=args.merge_method, options=atm_options_record(args), selection=selection,
+            hub_model_id=args.hub_model_id, base_model=str(base) if base else None,
+            pipeline_tag=_pipeline_tag(model),
+            reference_accuracies=dict(reference_accuracies) if reference_accuracies else None,
+        )
 
 _TEMPLATE = """---
 {card_data}
@@ -72,44 +148,43 @@ def _table(tasks: list[str], acc: dict[str, float], norm: dict[str, float] | Non
     return "\n".join(rows)
 
 
-def atm_model_card(trainer: ATMTrainer, model_name: str | None = None) -> ModelCard:
-    """The card of `trainer`'s current result (the selected round for PH, the last round for PA).
+def atm_model_card(summary: RunSummary, model_name: str | None = None) -> ModelCard:
+    """The card of a run's result (the selected round when one was selected, else the last round).
 
-    Eval results (model-index): accuracy per task on the per-round split of the selected round and, when
-    ``trainer.evaluate(split="test")`` was run, on ``test``.
+    Eval results (model-index): accuracy per task on the per-round split of that round and, when the test
+    split was evaluated, on ``test``.
     """
     from hf_atm.hub.card import hub_repo_id
 
-    args = trainer.args
-    model = trainer.model
-    tasks = list(trainer.task_names)
-    name = model_name or args.hub_model_id or f"atm-{args.atm_mode}-{args.merge_method}"
+    tasks = list(summary.tasks)
+    history = summary.history
+    name = model_name or summary.hub_model_id or f"atm-{summary.atm_mode}-{summary.merge_method}"
     name = str(name).split("/")[-1]
     entry = None
-    if trainer.history:
-        chosen = trainer.best_round if trainer.best_round is not None else trainer.history[-1]["round"]
-        entry = next((h for h in trainer.history if h["round"] == chosen), trainer.history[-1])
-    ptag = _pipeline_tag(model)
+    if history:
+        chosen = summary.best_round if summary.best_round is not None else history[-1]["round"]
+        entry = next((h for h in history if h["round"] == chosen), history[-1])
+    ptag = summary.pipeline_tag
     results: list[EvalResult] = []
     if entry is not None:
         for t in tasks:
             results.append(EvalResult(task_type=ptag, dataset_type=t, dataset_name=t, dataset_split=entry["split"],
                                       metric_type="accuracy", metric_value=float(entry["accuracy"][t])))
     test_acc = None
-    if trainer.test_metrics:
-        test_acc = {t: trainer.test_metrics.get(f"eval_{t}_accuracy") for t in tasks}
+    if summary.test_metrics:
+        test_acc = {t: summary.test_metrics.get(f"eval_{t}_accuracy") for t in tasks}
         for t in tasks:
             if test_acc[t] is not None:
                 results.append(EvalResult(task_type=ptag, dataset_type=t, dataset_name=t, dataset_split="test",
                                           metric_type="accuracy", metric_value=float(test_acc[t])))
-    base_ref = getattr(model, "base_model", None)
+    base_ref = summary.base_model
     base_id = hub_repo_id(str(base_ref)) if base_ref else None
     data = ModelCardData(
         model_name=name if results else None,
         eval_results=results or None,
         base_model=base_id,
         library_name="transformers",
-        tags=["hf_atm", "atm", "merge", args.merge_method],
+        tags=["hf_atm", "atm", "merge", summary.merge_method],
         pipeline_tag=ptag,
     )
     if base_id:
@@ -122,13 +197,13 @@ def atm_model_card(trainer: ATMTrainer, model_name: str | None = None) -> ModelC
     test_section = ""
     if test_acc and all(v is not None for v in test_acc.values()):
         test_section = "## Results (test)\n\n" + _table(tasks, test_acc, None) + "\n\n"
-    selected = f", selected round {trainer.best_round} on held-out validation" if args.atm_mode == "ph" else ""
+    selected = f", selected round {summary.best_round} on {summary.selection}" if summary.selection else ""
     text = _TEMPLATE.format(
         card_data=data.to_yaml(),
         title=name,
-        rounds=trainer.history[-1]["round"] if trainer.history else 0,
-        method=args.merge_method,
-        mode=args.atm_mode.upper(),
+        rounds=history[-1]["round"] if history else 0,
+        method=summary.merge_method,
+        mode=summary.atm_mode.upper(),
         selected=selected,
         # a local folder is named, never its full path
         base=f"`{base_id}`" if base_id else (f"local folder `{Path(str(base_ref)).name}`" if base_ref else "unknown"),

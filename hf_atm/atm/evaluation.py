@@ -8,13 +8,16 @@ vectors are never concatenated.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
 __all__ = [
     "accumulate_gram",
     "cosine_from_gram",
+    "count_correct",
     "mean_accuracy",
     "mean_off_diagonal",
     "normalized_accuracy",
@@ -86,3 +89,42 @@ def normalized_accuracy(
             raise ValueError(f"reference accuracy of task {t!r} must be > 0, got {r}")
         out[t] = float(a) / r
     return out
+
+
+@torch.no_grad()
+def count_correct(
+    model: Any,
+    task: str,
+    batches: Iterable[dict[str, Any]],
+    prepare: Callable[[dict[str, Any]], dict[str, Any]],
+    autocast: Callable[[], AbstractContextManager],
+    keep_logits: bool = False,
+) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
+    """``(correct, total, logits, labels)`` of `task`'s head over `batches` (each with a ``labels``
+    entry), with `model` in eval mode (its mode restored after). `prepare` moves a batch to the device,
+    `autocast` gives the precision context. Logits and labels (concatenated, on CPU) only when
+    `keep_logits`, else None."""
+    was_training = model.training
+    model.eval()
+    correct = None
+    total = 0
+    logits_all: list[torch.Tensor] = []
+    labels_all: list[torch.Tensor] = []
+    try:
+        for batch in batches:
+            batch = prepare(batch)
+            labels = batch.pop("labels")
+            with autocast():
+                logits = model(task=task, **batch).logits
+            hits = (logits.argmax(-1) == labels).sum()
+            correct = hits if correct is None else correct + hits
+            total += int(labels.shape[0])
+            if keep_logits:
+                logits_all.append(logits.detach().float().cpu())
+                labels_all.append(labels.detach().cpu())
+    finally:
+        model.train(was_training)
+    n_correct = int(correct.item()) if correct is not None else 0
+    if not keep_logits:
+        return n_correct, total, None, None
+    return n_correct, total, torch.cat(logits_all), torch.cat(labels_all)

@@ -1,4 +1,8 @@
-"""ATM history: the list of per-round dicts, written as ``history.json`` and plotted as PNG (matplotlib, Agg).
+"""ATM history: one :class:`HistoryEntry` per round, written as ``history.json`` and plotted as PNG
+(matplotlib, Agg).
+
+Every writer of ``history.json`` (ATMTrainer, the baselines, the federated server) fills a HistoryEntry
+and stores ``entry.to_dict()``: histories stay JSON-shaped lists of dicts with the same keys as before.
 
 Plots: ``accuracy.png`` (accuracy of each task and the mean against the round), ``cosine.png`` (heatmap of
 the last round's pairwise cosine similarity of task vectors, and the mean off-diagonal cosine per round).
@@ -6,46 +10,145 @@ the last round's pairwise cosine similarity of task vectors, and the mean off-di
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hf_atm.atm.evaluation import mean_off_diagonal
+import torch
 
-__all__ = ["HISTORY_FILE", "load_history", "plot_history", "write_history"]
+from hf_atm.atm.evaluation import cosine_from_gram, mean_accuracy, mean_off_diagonal, normalized_accuracy
+from hf_atm.files import atomic_write_bytes, atomic_write_json
+
+__all__ = ["HISTORY_FILE", "HistoryEntry", "load_history", "plot_history", "write_history"]
 
 HISTORY_FILE = "history.json"
 ACCURACY_PLOT = "accuracy.png"
 COSINE_PLOT = "cosine.png"
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN / inf become None (JSON has no NaN)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
+#: fields written only when set: the baselines' and the federated server's additions to a round's entry.
+_OPTIONAL = (
+    # baselines
+    "method", "scale", "validation_by_scale",
+    # federated server
+    "merged_tasks", "missing_train", "missing_eval", "skipped", "errors", "clients", "client_train_seconds",
+    "bytes", "bytes_total", "secure_aggregation", "uplink", "downlink", "secagg_clipped",
+)
 
 
-def write_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike) -> Path:
-    """Write ``history.json`` (a JSON list of the round dicts) into `folder`, atomically."""
-    path = Path(folder) / HISTORY_FILE
-    _atomic_write_bytes(path, (json.dumps(_clean(list(history)), indent=2) + "\n").encode())
-    return path
+@dataclass
+class HistoryEntry:
+    """One evaluated round (round 0: the starting model; for a baseline, ``round`` is its budget in epochs).
+
+    Attributes:
+        round: the round index (a float budget for baselines).
+        accuracy: ``{task: accuracy}`` on `split`.
+        mean_accuracy: the unweighted mean of `accuracy`.
+        normalized_accuracy / mean_normalized_accuracy: accuracy over the reference accuracies (None
+            without references).
+        cosine / mean_cosine: pairwise cosine of the round's task vectors and its mean off-diagonal entry
+            (None when not recorded).
+        tasks: the tasks, in the order of `cosine`'s rows.
+        split: the split the accuracies were measured on.
+        train_seconds / merge_seconds / setup_seconds / eval_seconds: the round's time by kind.
+        train_loss: ``{task: mean training loss}`` of the round (None for round 0).
+        steps: optimizer steps of the round (all tasks).
+        method, scale, validation_by_scale: baselines only (the method, the chosen merge scale, the mean
+            validation accuracy of every scale tried).
+        merged_tasks ... secagg_clipped: federated server only (who took part, missing nodes, errors,
+            traffic, compression and secure-aggregation settings); see ``hf_atm.federated``.
+    """
+
+    round: int | float
+    accuracy: dict[str, float]
+    mean_accuracy: float
+    normalized_accuracy: dict[str, float] | None
+    mean_normalized_accuracy: float | None
+    cosine: list[list[float]] | None
+    mean_cosine: float | None
+    tasks: list[str]
+    split: str
+    train_seconds: float = 0.0
+    merge_seconds: float = 0.0
+    setup_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    train_loss: dict[str, float] | None = None
+    steps: int = 0
+    method: str | None = None
+    scale: float | None = None
+    validation_by_scale: dict[float, float] | None = None
+    merged_tasks: list[str] | None = None
+    missing_train: list[str] | None = None
+    missing_eval: list[str] | None = None
+    skipped: bool | None = None
+    errors: dict[str, str] | None = None
+    clients: dict[str, int | None] | None = None
+    client_train_seconds: dict[str, float] | None = None
+    bytes: dict[str, dict[str, int]] | None = None
+    bytes_total: dict[str, int] | None = None
+    secure_aggregation: bool | None = None
+    uplink: dict[str, Any] | None = None
+    downlink: dict[str, Any] | None = None
+    secagg_clipped: dict[str, Any] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        round: int | float,
+        accuracy: Mapping[str, float],
+        *,
+        tasks: Sequence[str],
+        split: str,
+        reference: Mapping[str, float] | None = None,
+        gram: torch.Tensor | None = None,
+        cosine: list[list[float]] | None = None,
+        **fields: Any,
+    ) -> HistoryEntry:
+        """An entry whose derived fields are computed here: the mean accuracy, the normalized accuracies
+        against `reference` (and their mean), the cosine matrix from `gram` (or `cosine` as given) and its
+        mean off-diagonal entry. `fields` sets any other attribute (timings, train_loss, steps, extras)."""
+        acc = dict(accuracy)
+        norm = normalized_accuracy(acc, reference)
+        cos = cosine_from_gram(gram) if gram is not None else cosine
+        fields.setdefault("mean_cosine", mean_off_diagonal(cos))
+        return cls(round=round, accuracy=acc, mean_accuracy=mean_accuracy(acc), normalized_accuracy=norm,
+                   mean_normalized_accuracy=mean_accuracy(norm) if norm is not None else None, cosine=cos,
+                   tasks=list(tasks), split=split, **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as stored in ``history`` lists and ``history.json`` (optional fields only when set)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _OPTIONAL and v is None:
+                continue
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> HistoryEntry:
+        """An entry from a ``history.json`` dict (unknown keys are ignored; missing ones take defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("normalized_accuracy", "mean_normalized_accuracy", "cosine", "mean_cosine"):
+            kw.setdefault(k, None)
+        kw.setdefault("tasks", list(d.get("accuracy", {})))
+        kw.setdefault("split", "validation")
+        return cls(**kw)
+
+
+def _as_dict(entry: HistoryEntry | Mapping[str, Any]) -> dict[str, Any]:
+    return entry.to_dict() if isinstance(entry, HistoryEntry) else dict(entry)
+
+
+def write_history(history: Sequence[HistoryEntry | Mapping[str, Any]], folder: str | os.PathLike) -> Path:
+    """Write ``history.json`` (a JSON list of the round dicts; NaN / inf as null) into `folder`, atomically."""
+    return atomic_write_json(Path(folder) / HISTORY_FILE, [_as_dict(h) for h in history], indent=2)
 
 
 def load_history(folder_or_file: str | os.PathLike) -> list[dict[str, Any]]:
@@ -56,7 +159,7 @@ def load_history(folder_or_file: str | os.PathLike) -> list[dict[str, Any]]:
     return json.loads(p.read_text())
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike) -> list[Path]:
+def plot_history(history: Sequence[HistoryEntry | Mapping[str, Any]], folder: str | os.PathLike) -> list[Path]:
     """Write ``accuracy.png`` and, when some round has cosines, ``cosine.png`` into `folder`; return the paths."""
     import matplotlib
 
@@ -68,6 +171,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike
     written: list[Path] = []
     if not history:
         return written
+    history = [_as_dict(h) for h in history]
     rounds = [h["round"] for h in history]
     tasks = list(history[-1].get("tasks") or history[-1]["accuracy"])
 
@@ -107,8 +211,6 @@ def plot_history(history: Sequence[Mapping[str, Any]], folder: str | os.PathLike
 
 
 def _save_fig(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    return atomic_write_bytes(path, buf.getvalue())

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,40 +26,14 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_atm.errors import CheckpointError, TaskDataError
+from hf_atm.files import atomic_write_dir
 
-__all__ = ["HEADS_FILE", "MULTITASK_CONFIG_FILE", "POOLINGS", "MultiTaskModel", "atomic_write_dir"]
+__all__ = ["HEADS_FILE", "MULTITASK_CONFIG_FILE", "POOLINGS", "MultiTaskModel"]
 
 HEADS_FILE = "heads.safetensors"
 MULTITASK_CONFIG_FILE = "multitask_config.json"
 POOLINGS = ("cls", "mean", "pooler")
 _FORMAT = "hf_atm.multitask"
-
-
-def atomic_write_dir(target: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Run ``writer(tmp)`` on a fresh temporary folder beside `target`, then move the result into place.
-
-    A missing `target` is created by one ``os.rename`` of the whole folder; an existing one receives each
-    written file by ``os.replace`` (files it already holds and that the writer did not write are kept). A
-    failing writer leaves `target` untouched and removes the temporary folder.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        writer(tmp)
-        if not target.exists():
-            os.rename(tmp, target)
-            return target
-        for src in sorted(tmp.rglob("*")):
-            if src.is_file():
-                dst = target / src.relative_to(tmp)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _hidden_size(config: Any) -> int:

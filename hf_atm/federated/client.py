@@ -5,7 +5,7 @@ Which task: the node config ``task`` (``flower-supernode --node-config "task='no
 (``context.state``): the global backbone of the round it last received (``atm_backbone``), its head
 (``atm_head``), that round's number (``atm_client.version``) and, with error feedback, its residual.
 
-Messages (see :mod:`hf_atm.federated.strategy`):
+Messages (see :mod:`hf_atm.federated.protocol`):
 
 * QUERY ``hello``: task, label names, example counts, state version;
 * QUERY ``sync``: store the full backbone and head sent by the server;
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +32,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from hf_atm.atm.rounds import apply_delta_
 from hf_atm.errors import CheckpointError, TaskDataError
 from hf_atm.federated.compression import (
     Compression,
@@ -43,9 +42,12 @@ from hf_atm.federated.compression import (
     record_to_tensors,
     tensors_to_record,
 )
-from hf_atm.federated.strategy import (
+from hf_atm.federated.config import FederatedATMConfig
+from hf_atm.federated.data import CACHE_SIZE, label_names, load_task_data, node_task
+from hf_atm.federated.protocol import (
     ACTION_HELLO,
     ACTION_SYNC,
+    FITINS_CONFIG,
     PROTOCOL,
     REC_BACKBONE,
     REC_CONFIG,
@@ -54,123 +56,23 @@ from hf_atm.federated.strategy import (
     REC_INFO,
     REC_METRICS,
     REC_TAU,
-    FederatedATMConfig,
-    apply_delta,
-    secagg_client_transform,
+    STATE_CONFIG,
+    STATE_RESIDUAL,
+    Mod,
 )
+from hf_atm.federated.secagg import secagg_client_transform
 from hf_atm.merging.spec import MergeSpec
 
-__all__ = ["app", "finetune_task", "load_processing_class", "load_task_data", "make_client_app", "node_task"]
+__all__ = ["app", "finetune_task", "make_client_app", "optional_secaggplus_mod"]
 
 log = logging.getLogger("hf_atm.federated")
 
-STATE_CONFIG = "atm_client"
-STATE_RESIDUAL = "atm_residual"
-FITINS_CONFIG = "fitins.config"  # Flower's legacy FitIns layout (what SecAggPlusWorkflow sends)
-
-_DATA: OrderedDict[str, tuple[dict[str, Any], Any]] = OrderedDict()
 _LOCAL: OrderedDict[str, _Local] = OrderedDict()
-# per process: a simulation actor serves several nodes in turn; a SuperNode holds one task
-_CACHE_SIZE = int(os.environ.get("HF_ATM_FEDERATED_CACHE", "4"))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data and the local model
+# the local model
 # ----------------------------------------------------------------------------------------------------------
-def load_processing_class(model_ref: str) -> Any:
-    """The tokenizer saved with `model_ref` (local folder or Hub id, offline-friendly), or None."""
-    from transformers import AutoTokenizer
-
-    from hf_atm.hub.resolve import resolve_model
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve_model(model_ref), trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _import(spec: str) -> Any:
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise TaskDataError(f"data: expected 'suite:<name>' or 'module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise TaskDataError(f"data: cannot import {spec!r}: {e}") from e
-
-
-def load_task_data(cfg: FederatedATMConfig) -> tuple[dict[str, Any], Any]:
-    """``({task: DatasetDict of model inputs + labels}, processing class)`` of ``cfg.data`` (cached per
-    process).
-
-    ``suite:<name>``: ``hf_atm.data.load_suite(name, tasks=cfg.tasks, **data_kwargs)``; text suites are
-    tokenized with the model's tokenizer (``max_length`` from data_kwargs, default 64), image suites
-    pixelized (``image_size`` / ``mean`` / ``std`` / ``num_channels`` from data_kwargs).
-    ``module:function``: ``function(**data_kwargs)`` returning ``{task: DatasetDict}`` or ``(that, processor)``.
-    """
-    key = json.dumps([cfg.model, cfg.data, cfg.data_kwargs, cfg.tasks], sort_keys=True, default=str)
-    if key in _DATA:
-        _DATA.move_to_end(key)
-        return _DATA[key]
-    kw = dict(cfg.data_kwargs or {})
-    if cfg.data.startswith("suite:"):
-        from hf_atm.data import load_suite, pixelize_suite, suite_modality, tokenize_suite
-
-        name = cfg.data.split(":", 1)[1]
-        prep_keys = ("max_length", "image_size", "mean", "std", "num_channels")
-        prep = {k: kw.pop(k) for k in prep_keys if k in kw}
-        suite = load_suite(name, tasks=cfg.tasks, **kw)
-        if suite_modality(name) == "text":
-            proc = load_processing_class(cfg.model)
-            if proc is None:
-                raise TaskDataError(f"data {cfg.data!r}: the model {cfg.model!r} has no tokenizer to tokenize it")
-            suite = tokenize_suite(suite, proc, max_length=int(prep.get("max_length", 64)))
-        else:
-            proc = None
-            suite = pixelize_suite(suite, **{k: v for k, v in prep.items() if k != "max_length"})
-    else:
-        out = _import(cfg.data)(**kw)
-        suite, proc = out if isinstance(out, tuple) else (out, None)
-    if not isinstance(suite, Mapping) or not suite:
-        raise TaskDataError(f"data {cfg.data!r} gave no tasks")
-    if cfg.tasks is not None:
-        missing = [t for t in cfg.tasks if t not in suite]
-        if missing:
-            raise TaskDataError(f"data {cfg.data!r} has no task(s) {missing} (it has {sorted(suite)})")
-        suite = {t: suite[t] for t in cfg.tasks}
-    _DATA[key] = (dict(suite), proc)
-    while len(_DATA) > _CACHE_SIZE:
-        _DATA.popitem(last=False)
-    return _DATA[key]
-
-
-def node_task(node_config: Mapping[str, Any], tasks: Sequence[str]) -> str:
-    """The task of a node: node config ``task``, else ``partition-id`` into the sorted `tasks`."""
-    names = sorted(tasks)
-    if "task" in node_config:
-        task = str(node_config["task"])
-        if task not in names:
-            raise TaskDataError(f"node config task={task!r} is not one of the data's tasks {names}")
-        return task
-    if "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
-        if not 0 <= pid < len(names):
-            raise TaskDataError(f"node config partition-id={pid} out of range for {len(names)} tasks {names}")
-        return names[pid]
-    raise TaskDataError("the node config names no task: start the SuperNode with --node-config \"task='<name>'\"")
-
-
-def _label_names(dd: Any, task: str) -> list[str]:
-    ds = dd["train"] if "train" in dd else next(iter(dd.values()))
-    for col in ("labels", "label"):
-        names = getattr(ds.features.get(col), "names", None) if col in ds.features else None
-        if names:
-            return [str(x) for x in names]
-    raise TaskDataError(f"task {task!r}: the label column is not a ClassLabel (no label names)")
-
-
 @dataclass
 class _Local:
     """One task's model and trainer in this process."""
@@ -195,14 +97,14 @@ def _local(cfg: FederatedATMConfig, ctx: Context) -> _Local:
     if key in _LOCAL:
         _LOCAL.move_to_end(key)
         return _LOCAL[key]
-    labels = _label_names(suite[task], task)
+    labels = label_names(suite[task], task)
     model = MultiTaskModel.from_backbone(cfg.model, {task: labels}, pooling=cfg.pooling, seed=cfg.head_seed)
     args = cfg.atm_args(tempfile.gettempdir() + "/hf_atm_federated_client")
     trainer = ATMTrainer(model=model, args=args, task_datasets={task: suite[task]}, processing_class=proc)
     trainer.remove_callback(PrinterCallback)  # a node logs through Flower, not by printing every evaluation
     local = _Local(task, model, trainer, labels, len(suite[task]["train"]), len(suite[task]["validation"]))
     _LOCAL[key] = local
-    while len(_LOCAL) > _CACHE_SIZE:
+    while len(_LOCAL) > CACHE_SIZE:
         _LOCAL.popitem(last=False)
     return local
 
@@ -211,30 +113,16 @@ def _local(cfg: FederatedATMConfig, ctx: Context) -> _Local:
 # the per-task fine-tuning (ATMTrainer's)
 # ----------------------------------------------------------------------------------------------------------
 def finetune_task(trainer: Any, task: str, round_idx: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One PA-ATM fine-tuning of `task` on ``trainer.model`` from its current backbone: the per-task step of
-    ``ATMTrainer._run_round`` (same steps, fresh optimizer and schedule, every RNG seeded from
-    ``(args.seed, round_idx, task)``), so a node computes bit for bit the task vector the in-process trainer
-    computes. Returns ``(tau, {"loss", "steps", "train-seconds"})`` with ``tau = theta_i - theta`` in float32
-    (float64 tensors stay float64; with LoRA the adapter's ``B @ A * scaling``). The model keeps the tuned
-    weights (backbone and head)."""
-    args = trainer.args
-    model = trainer.model
-    tensors = model.backbone_tensors()
-    lora = args.lora_r > 0
-    theta = None if lora else {n: t.detach().clone() for n, t in tensors.items()}
-    steps = trainer.steps_per_round(task)
-    # ATMTrainer's round bookkeeping that _finetune reads (epoch fraction for callbacks)
-    trainer._round_steps_done, trainer._round_steps_total = 0, steps
-    run = trainer._finetune(
-        task, trainer.task_data[task][trainer._train_split], steps=steps,
-        seed=trainer._task_seed(round_idx, task), round_idx=round_idx, persistent_key=task,
-    )
-    if lora:
-        tau = run.pop("tau")
-    else:
-        tau = {name: t.detach().float() - theta[name].float() if t.dtype != torch.float64 else t.detach() - theta[name]
-               for name, t in tensors.items()}
-    return tau, {"loss": float(run["loss"]), "steps": int(run["steps"]), "train-seconds": float(run["train_seconds"])}
+    """One PA-ATM fine-tuning of `task` on ``trainer.model`` from its current backbone through the trainer's
+    public per-task tuner (``ATMTrainer.tune_task``: the very step of an in-process round, same steps, fresh
+    optimizer and schedule, every RNG seeded by ``trainer.task_seed(round_idx, task)``), so a node computes
+    bit for bit the task vector the in-process trainer computes. Returns ``(tau, {"loss", "steps",
+    "train-seconds"})`` with ``tau = theta_i - theta`` in float32 (float64 tensors stay float64; with LoRA the
+    adapter's ``B @ A * scaling``). The model keeps the tuned weights (backbone and head)."""
+    trainer.begin_round(trainer.steps_per_round(task))
+    res = trainer.tune_task(task, round_idx)
+    metrics = {"loss": float(res.loss), "steps": int(res.steps), "train-seconds": float(res.train_seconds)}
+    return res.task_vector, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,17 +207,6 @@ def _query(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
     raise ValueError(f"unknown query action {action!r}")
 
 
-def _inject_fault(cfg: FederatedATMConfig, task: str, round_idx: int) -> None:
-    if cfg.fail_task is None or cfg.fail_task != task:
-        return
-    if cfg.fail_round not in (0, round_idx):
-        return
-    if cfg.fail_mode == "hang":
-        time.sleep(float(cfg.fail_seconds))
-        return
-    raise RuntimeError(f"injected fault: task {task!r} fails in round {round_idx} (fail_task / fail_round)")
-
-
 def _train_common(cfg: FederatedATMConfig, ctx: Context, conf: Mapping[str, Any]) -> tuple[_Local, dict, dict]:
     local = _local(cfg, ctx)
     round_idx = int(conf["round"])
@@ -338,7 +215,6 @@ def _train_common(cfg: FederatedATMConfig, ctx: Context, conf: Mapping[str, Any]
     if _version(ctx) != int(conf["version"]):
         raise CheckpointError(f"task {local.task!r}: node holds round {_version(ctx)}, train needs round "
                               f"{int(conf['version'])} (the server re-syncs it next round)")
-    _inject_fault(cfg, local.task, round_idx)
     _load_state(local, ctx)
     tau, stats = finetune_task(local.trainer, local.task, round_idx)
     ctx.state.array_records[REC_HEAD] = tensors_to_record(_head_tensors(local))
@@ -403,7 +279,7 @@ def _evaluate(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
         tensors = local.model.backbone_tensors()
         delta = decode_delta(msg.content.array_records[REC_DELTA], comp, {n: t.shape for n, t in tensors.items()},
                              int(conf["downlink-seed"]), {n: t.dtype for n, t in tensors.items()})
-        apply_delta(tensors, delta)
+        apply_delta_(tensors, None, delta)
         _store_backbone(local, ctx)
         _set_version(ctx, target, local.task)
     elif version != target:
@@ -431,9 +307,12 @@ def optional_secaggplus_mod(msg: Message, ctx: Context, call_next: Any) -> Messa
     return call_next(msg, ctx)
 
 
-def make_client_app(config: FederatedATMConfig | None = None) -> ClientApp:
-    """A ClientApp running federated ATM. `config` None: read it from ``context.run_config`` (``flwr run``)."""
-    app = ClientApp()
+def make_client_app(config: FederatedATMConfig | None = None, mods: Sequence[Mod] | None = None) -> ClientApp:
+    """A ClientApp running federated ATM. `config` None: read it from ``context.run_config`` (``flwr run``).
+
+    `mods`: Flower ClientApp mods (``(message, context, call_next) -> reply``) wrapped around every handler,
+    outermost first, e.g. to log, meter or inject faults; SecAgg+'s mod runs inside them."""
+    app = ClientApp(mods=list(mods or []))
     cache: dict[str, FederatedATMConfig] = {}
 
     def resolve(ctx: Context) -> FederatedATMConfig:

@@ -1,5 +1,6 @@
-"""The ServerApp of federated ATM: builds the model, runs :class:`~hf_atm.federated.strategy.ATMStrategy` over the
-Grid, and writes the same outputs as ``ATMTrainer`` into ``output_dir``: ``history.json``, ``accuracy.png`` /
+"""The ServerApp of federated ATM: build the model, run the rounds, write ATMTrainer's outputs.
+
+It runs :class:`~hf_atm.federated.strategy.ATMStrategy` over the Grid and writes into ``output_dir``: ``history.json``, ``accuracy.png`` /
 ``cosine.png``, a Hub-ready model folder (backbone loadable by ``AutoModel``, ``heads.safetensors``,
 ``multitask_config.json``, tokenizer, ``README.md`` model card, ``atm_config.json``) plus
 ``federated_config.json``, and the ``checkpoint-round-*`` folders a restarted server resumes from.
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from hf_atm.federated.strategy import ATMStrategy, FederatedATMConfig
+from hf_atm.atm.card import RunSummary, atm_model_card, atm_options_record
+from hf_atm.federated.config import FederatedATMConfig
+from hf_atm.federated.data import load_processing_class
+from hf_atm.federated.strategy import ATMStrategy
+from hf_atm.files import atomic_write_dir
 
 __all__ = ["app", "make_server_app", "run_federated", "save_final_model"]
 
@@ -25,12 +29,10 @@ log = logging.getLogger("hf_atm.federated")
 
 def _card_text(strategy: ATMStrategy) -> str:
     """ATMTrainer's model card, plus a section on the federated run."""
-    from hf_atm.atm.card import atm_model_card
-
-    view = SimpleNamespace(args=strategy.args, model=strategy.model, task_names=list(strategy.tasks),
-                           history=strategy.history, best_round=strategy.best_round,
-                           test_metrics=strategy.test_metrics)
-    card = atm_model_card(view)
+    summary = RunSummary.of_run(strategy.args, strategy.model, tasks=list(strategy.tasks), history=strategy.history,
+                                best_round=strategy.best_round, test_metrics=strategy.test_metrics,
+                                reference_accuracies=strategy.cfg.reference_accuracies)
+    card = atm_model_card(summary)
     cfg = strategy.cfg
     last = strategy.history[-1] if strategy.history else {}
     missing = [(h["round"], h["missing_train"]) for h in strategy.history if h.get("missing_train")]
@@ -57,17 +59,15 @@ def _card_text(strategy: ATMStrategy) -> str:
 def save_final_model(strategy: ATMStrategy, folder: str | Path | None = None) -> Path:
     """Write the Hub-ready result of `strategy` into `folder` (default ``output_dir``): model files, history,
     plots, model card, ``atm_config.json`` and ``federated_config.json``; written to a temporary folder and
-    moved into place (``hf_atm.atm.model.atomic_write_dir``)."""
+    moved into place (``hf_atm.files.atomic_write_dir``)."""
     from hf_atm.atm.history import plot_history, write_history
-    from hf_atm.atm.model import atomic_write_dir
-    from hf_atm.atm.trainer import _atm_args
 
     def write(tmp: Path) -> None:
         strategy.model.write_files(tmp, strategy.processing_class)
         write_history(strategy.history, tmp)
         plot_history(strategy.history, tmp)
         (tmp / "README.md").write_text(_card_text(strategy))
-        (tmp / "atm_config.json").write_text(json.dumps(_atm_args(strategy.args), indent=2) + "\n")
+        (tmp / "atm_config.json").write_text(json.dumps(atm_options_record(strategy.args), indent=2) + "\n")
         cfg = {k: v for k, v in strategy.cfg.to_dict().items() if not k.startswith("hub_")}
         (tmp / "federated_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
         if strategy.test_metrics:
@@ -80,7 +80,6 @@ def run_federated(grid: Grid, config: FederatedATMConfig) -> ATMStrategy:
     """Run federated ATM over `grid` (the ServerApp's main): build the model once the nodes said which tasks
     they hold, run or resume the rounds, save the final model (and push it when asked)."""
     from hf_atm.atm import MultiTaskModel
-    from hf_atm.federated.client import load_processing_class
 
     if not config.model:
         raise ValueError("model: give the backbone to start from (a local folder or a Hub repo id)")

@@ -17,11 +17,13 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.app.error import Error
 from flwr.serverapp import Grid
 
-from hf_atm.federated.strategy import ATMStrategy, FederatedATMConfig
+from hf_atm.federated.config import FederatedATMConfig
+from hf_atm.federated.protocol import Mod
+from hf_atm.federated.strategy import ATMStrategy
 
 __all__ = ["LocalGrid", "run_flower_simulation", "run_local"]
 
@@ -68,25 +70,32 @@ class LocalGrid(Grid):
         nid = int(msg.metadata.dst_node_id)
         if nid not in self.contexts or nid in self.disconnected:
             return None
-        msg.metadata.__dict__["_run_id"] = self.run_id
-        msg.metadata.__dict__["_src_node_id"] = 0
-        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        # the node gets its own copy, as after (de)serialization: shared records must not leak between nodes
-        incoming = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
+        incoming = self._as_delivered(msg)
         t0 = time.monotonic()
         try:
             reply = self.client_app(incoming, self.contexts[nid])
         except Exception as e:  # noqa: BLE001 - a failing node must not stop the server (as in Flower)
             log.info("node %s raised: %s", nid, e)
-            reply = Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+            reply = Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
+                            reply_to=incoming)
         if timeout is not None and time.monotonic() - t0 > timeout:
             log.info("node %s replied after the %.1fs timeout: dropped", nid, timeout)
             return None
-        reply.metadata.__dict__["_src_node_id"] = nid
-        reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
-        if reply.has_content():
+        if reply.has_content():  # the server gets its own copy too
             reply = Message(content=copy.deepcopy(reply.content), metadata=reply.metadata)
         return reply
+
+    def _as_delivered(self, msg: Message) -> Message:
+        """The message as the node receives it from a SuperLink: its own copy of the content (as after
+        (de)serialization: records must not be shared between nodes), with the run id, the server as its
+        source and a fresh message id in its metadata. A reply built with ``Message(..., reply_to=it)`` then
+        comes from the node and points back at it."""
+        md = msg.metadata
+        metadata = Metadata(run_id=self.run_id, message_id=uuid.uuid4().hex, src_node_id=0,
+                            dst_node_id=md.dst_node_id, reply_to_message_id=md.reply_to_message_id,
+                            group_id=md.group_id, created_at=md.created_at, ttl=md.ttl,
+                            message_type=md.message_type)
+        return Message(content=copy.deepcopy(msg.content), metadata=metadata)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -116,30 +125,34 @@ class LocalGrid(Grid):
 def _num_tasks(config: FederatedATMConfig) -> int:
     if config.tasks is not None:
         return len(config.tasks)
-    from hf_atm.federated.client import load_task_data
+    from hf_atm.federated.data import load_task_data
 
     return len(load_task_data(config)[0])
 
 
 def run_local(config: FederatedATMConfig, num_nodes: int | None = None,
-              node_configs: Sequence[Mapping[str, Any]] | None = None) -> ATMStrategy:
+              node_configs: Sequence[Mapping[str, Any]] | None = None,
+              client_mods: Sequence[Mod] | None = None) -> ATMStrategy:
     """Run federated ATM in this process over a :class:`LocalGrid` (``partition-id`` i for node i, one node per
-    task by default); returns the finished strategy (history, model)."""
+    task by default); `client_mods` wrap every ClientApp handler (:func:`make_client_app`'s ``mods``).
+    Returns the finished strategy (history, model)."""
     from hf_atm.federated.client import make_client_app
     from hf_atm.federated.server import run_federated
 
     if node_configs is None:
         n = num_nodes or _num_tasks(config)
         node_configs = [{"partition-id": i, "num-partitions": n} for i in range(n)]
-    grid = LocalGrid(make_client_app(config), node_configs)
+    grid = LocalGrid(make_client_app(config, mods=client_mods), node_configs)
     return run_federated(grid, config)
 
 
 def run_flower_simulation(config: FederatedATMConfig, num_supernodes: int | None = None,
-                          backend_config: Mapping[str, Any] | None = None, verbose: bool = False) -> list[dict]:
+                          backend_config: Mapping[str, Any] | None = None, verbose: bool = False,
+                          client_mods: Sequence[Mod] | None = None) -> list[dict]:
     """Run federated ATM in Flower's simulation engine (Ray): `num_supernodes` virtual nodes (default one per
-    task), each ClientApp with ``client_resources`` from `backend_config` (default 1 CPU, no GPU). Returns the
-    history (also in ``config.output_dir``). Exceptions of the ServerApp propagate."""
+    task), each ClientApp with ``client_resources`` from `backend_config` (default 1 CPU, no GPU) and
+    `client_mods` around its handlers (picklable, importable by the actors). Returns the history (also in
+    ``config.output_dir``). Exceptions of the ServerApp propagate."""
     from flwr.simulation import run_simulation
 
     from hf_atm.atm.history import load_history
@@ -153,6 +166,6 @@ def run_flower_simulation(config: FederatedATMConfig, num_supernodes: int | None
     bc: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": verbose}}
     for k, v in (backend_config or {}).items():
         bc[k] = {**bc.get(k, {}), **v} if isinstance(v, Mapping) else v
-    run_simulation(server_app=make_server_app(config), client_app=make_client_app(config), num_supernodes=n,
+    run_simulation(server_app=make_server_app(config), client_app=make_client_app(config, mods=client_mods), num_supernodes=n,
                    backend_config=bc, verbose_logging=verbose)
     return load_history(config.output_dir)

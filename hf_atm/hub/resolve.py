@@ -22,6 +22,7 @@ import fnmatch
 import hashlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from hf_atm.errors import HubError
@@ -66,6 +67,18 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
+def is_repo_id(repo_id: str) -> bool:
+    """Whether `repo_id` (without ``@revision``) has the shape of a Hub repo id (``name`` or ``org/name``)."""
+    return _REPO_ID.match(repo_id) is not None
+
+
+def pin_revision(ref: str, revisions: Mapping[str, str]) -> str:
+    """``ref@rev`` when `revisions` pins `ref`, an unpinned Hub reference (``MergeConfig.revisions``); else `ref`."""
+    if ref in revisions and "@" not in ref and not is_local_reference(ref):
+        return f"{ref}@{revisions[ref]}"
+    return ref
+
+
 def is_local_reference(ref: str | os.PathLike) -> bool:
     """True when ``ref`` names an existing local path (which always wins over a repo id of the same name)."""
     return Path(ref).expanduser().exists()
@@ -96,7 +109,7 @@ def resolve_model(
             raise HubError(f"model reference {str(ref)!r} is a file; expected a model folder or a Hub repo id")
         return path.resolve()
     repo_id, revision = split_revision(str(ref))
-    if not _REPO_ID.match(repo_id):
+    if not is_repo_id(repo_id):
         raise HubError(f"{str(ref)!r} is neither an existing local folder nor a valid Hub repo id")
     patterns = list(allow_patterns or MERGE_FILE_PATTERNS)
     if allow_pickle:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from hf_atm.errors import CheckpointError
+from hf_atm.hub.headers import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, HubInput
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -50,14 +51,14 @@ __all__ = [
     "adapter_base_reference",
     "adapter_deltas",
     "adapter_targets",
+    "check_adapter_headers",
+    "check_full_shape",
     "is_adapter_folder",
     "load_adapter",
     "match_base_names",
     "read_adapter_config",
 ]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
@@ -387,6 +388,65 @@ def match_base_names(paths: Collection[str], base_names: Collection[str], label:
     return out
 
 
+def check_adapter_headers(adapter: HubInput, base: HubInput) -> None:
+    """Every module of `adapter` maps to one base tensor, with lora_A / lora_B shapes that fit it: checked from
+    the two inputs' safetensors headers (:func:`hf_atm.hub.headers.read_hub_input`), before any weight download.
+
+    An adapter of a kind :func:`load_adapter` refuses is left alone here (the engine names the problem).
+    Raises CheckpointError naming the adapter, the module and the base tensor that does not fit.
+    """
+    modules: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, str] = {}
+    full: dict[str, Any] = {}
+    for key in adapter.names:
+        if not key.startswith(PEFT_PREFIX):
+            return  # not a peft adapter: load_adapter names the problem
+        rel, t = key[len(PEFT_PREFIX):], adapter.tensors[key]
+        if (m := _LINEAR.match(rel)) is not None:
+            modules.setdefault(m["m"], {})["bias" if m["p"] == "bias" else m["ab"]] = t
+            kinds[m["m"]] = "linear"
+        elif (m := _EMBEDDING.match(rel)) is not None:
+            modules.setdefault(m["m"], {})[m["ab"]] = t
+            kinds[m["m"]] = "embedding"
+        elif "lora_" in rel or "trainable_tokens" in rel:
+            return  # a kind the engine refuses with its own message
+        else:
+            full[rel.replace(".base_layer.", ".")] = t
+    wanted: dict[str, tuple[str, str]] = {}
+    for path, slots in modules.items():
+        if "A" not in slots or "B" not in slots or len(slots["A"].shape) != 2 or len(slots["B"].shape) != 2:
+            return  # the engine names the malformed module
+        wanted[f"{path}.weight"] = ("weight", path)
+        if "bias" in slots:
+            wanted[f"{path}.bias"] = ("bias", path)
+    for path in full:
+        wanted[path] = ("full", path)
+    targets = match_base_names(list(wanted), base.names, adapter.label, base.label)
+    for path, name in targets.items():
+        kind, key = wanted[path]
+        shape = base.tensors[name].shape
+        if kind == "full":
+            t = full[key]
+            if t.shape != shape:
+                raise CheckpointError(
+                    f"adapter {adapter.label}: tensor {t.name!r} has shape {t.shape} but the base {base.label} has "
+                    f"{shape} for {name!r}"
+                )
+            continue
+        a, b = modules[key]["A"].shape, modules[key]["B"].shape
+        if kind == "bias":
+            fits = modules[key]["bias"].shape == shape
+        elif kinds[key] == "embedding":
+            fits = shape == (a[1], b[0])
+        else:
+            fits = shape in ((b[0], a[1]), (a[1], b[0]))
+        if not fits:
+            raise CheckpointError(
+                f"adapter {adapter.label}: module {key!r} (lora_A {a}, lora_B {b}) does not fit tensor {name!r} of "
+                f"shape {shape} in the base {base.label}; is this adapter for another model?"
+            )
+
+
 def adapter_targets(adapter: LoraAdapter, base_names: Collection[str], base_label: str) -> dict[str, tuple[str, Any]]:
     """Base tensor name -> what the adapter changes there: ``("weight", module)``, ``("bias", module)`` or
     ``("full", key)``. Raises CheckpointError for unmatched names or two changes to one tensor."""
@@ -456,7 +516,7 @@ def adapter_deltas(
                     yield name, adapter.bias_delta(what)
                 else:
                     stored, b = adapter.tensor(what), reader.get(name)
-                    _check_full_shape(adapter, what, stored, name, info.shape)
+                    check_full_shape(adapter, what, stored, name, info.shape)
                     dt = torch.float64 if torch.float64 in (stored.dtype, b.dtype) else torch.float32
                     yield name, stored.to(dt) - b.to(dt)
     finally:
@@ -464,7 +524,8 @@ def adapter_deltas(
             reader.close()
 
 
-def _check_full_shape(adapter: LoraAdapter, key: str, stored: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+def check_full_shape(adapter: LoraAdapter, key: str, stored: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    """CheckpointError unless the tensor `key` the adapter stores whole has the shape of base tensor `name`."""
     if tuple(stored.shape) != tuple(shape):
         raise CheckpointError(
             f"adapter {adapter.label}: {key!r} has shape {tuple(stored.shape)} but the base tensor {name!r} has "

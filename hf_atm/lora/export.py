@@ -240,9 +240,9 @@ def _write_card(folder: Path, base: str, adapters: list[str], spec: MergeSpec, r
                 output: str, architectures: Sequence[str] = ()) -> None:
     """merge_config.yaml (a MergeConfig that ``--config`` re-runs) and README.md: the merge card (library peft)
     with the rank and its truncation error."""
-    from hf_atm import __version__
     from hf_atm.hub.card import auto_class_for, hub_repo_id, merge_model_card
     from hf_atm.merging.config import MergeConfig
+    from hf_atm.version import __version__
 
     options = {**spec.to_dict(), "output_format": "lora", "rank": rank}
     auto, _ = auto_class_for(architectures)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hf_atm.errors import CheckpointError
-from hf_atm.lora.delta import LoraAdapter, _check_full_shape, adapter_targets, is_adapter_folder, load_adapter
+from hf_atm.lora.delta import LoraAdapter, adapter_targets, check_full_shape, is_adapter_folder, load_adapter
 from hf_atm.merging.io import CheckpointReader, TensorInfo
 
 __all__ = ["LoraAsModelSource", "open_model_source"]
@@ -61,7 +61,7 @@ class LoraAsModelSource:
                         f"of shape {tuple(shape)}"
                     )
                 elif kind == "full":
-                    _check_full_shape(self.adapter, what, self.adapter.tensor(what), name, shape)
+                    check_full_shape(self.adapter, what, self.adapter.tensor(what), name, shape)
         except BaseException:
             self.close()
             raise
@@ -74,6 +74,11 @@ class LoraAsModelSource:
     def names(self) -> list[str]:
         """The base's tensor names, in its storage order."""
         return self.base.names
+
+    @property
+    def weights_file(self) -> str:
+        """The adapter's weights file (for messages)."""
+        return str(self.adapter.file)
 
     @property
     def changed(self) -> list[str]:

@@ -1,11 +1,13 @@
 """The streaming merge: checkpoints are read, merged and written tensor by tensor.
 
-:func:`merge_checkpoints` (what ``hf-atm merge`` runs):
+:func:`merge_checkpoints` (what ``hf-atm merge`` runs, through :func:`hf_atm.lora.merge.run_merge`, which passes
+the :class:`~hf_atm.merging.sources.ModelSources` that read LoRA adapters as base + delta):
 
 1. checks the output folder (non-empty without ``overwrite`` is refused before any work), resolves the base
    and the models (local folders or Hub ids), opens every weights file once and compares the headers: the
    same tensor names, shapes, and floating / non-floating dtypes everywhere, else CheckpointError naming the
-   tensor and both files;
+   tensor and both files (:mod:`hf_atm.merging.preflight`, which compares Hub inputs from their headers first,
+   before any weight download);
 2. plans the output (names in the base's storage order, dtypes, shards), locks the output, checks the free
    space against the planned shards and writes into a temporary folder beside the output
    (``.<name>.tmp-<hex>``), streaming each merged tensor straight into its shard;
@@ -45,13 +47,16 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_atm.errors import CheckpointError, MergeConfigError
-from hf_atm.hub.resolve import is_local_reference, resolve_model, split_revision
+from hf_atm.hub.resolve import is_local_reference, pin_revision, resolve_model, split_revision
 from hf_atm.merging import methods as M
 from hf_atm.merging.config import MergeConfig
+from hf_atm.merging.conventions import all_finite
 from hf_atm.merging.io import CheckpointReader, ShardedWriter, TensorInfo, iter_chunks
 from hf_atm.merging.output import check_free_space, check_output, staged_output
 from hf_atm.merging.pipeline import InFlight, Pool, done, run_ordered
+from hf_atm.merging.preflight import check_hub_inputs, check_same_tensors
 from hf_atm.merging.registry import METHODS, get_method
+from hf_atm.merging.sources import CHECKPOINTS, ModelSources
 from hf_atm.merging.spec import MergeSpec, TensorPlan, merge_tensor, plan_tensor
 
 __all__ = [
@@ -116,17 +121,6 @@ def _merge_one(spec: MergeSpec, base: torch.Tensor, models: Sequence[torch.Tenso
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """True when `t` has no NaN / Inf: one ``aminmax`` pass (min / max propagate NaN; an Inf is an extreme).
-
-    Exact, allocation-free, and fast in every float dtype (a float32-accumulated sum of float16 is ~8x slower).
-    """
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
 def _nonfinite_error(name: str, tensor: torch.Tensor, file: Path) -> CheckpointError:
     kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
     return CheckpointError(f"tensor {name!r} in {file} contains {kind} values; refusing to merge non-finite weights")
@@ -186,54 +180,6 @@ def _merge_state_dicts(spec: MergeSpec, base_sd: Mapping[str, torch.Tensor],
 
 
 # -------------------------------------------------------------------------------------------------- checks
-def _weights_file(reader: CheckpointReader) -> str:
-    """The file that names a checkpoint's tensors: its index, or its single weights file."""
-    if len(reader.files) == 1:
-        return str(reader.files[0])
-    index = "model.safetensors.index.json" if reader.format == "safetensors" else "pytorch_model.bin.index.json"
-    return str(reader.folder / index)
-
-
-def _preflight(base: CheckpointReader, models: Sequence[CheckpointReader],
-               vocab_names: frozenset[str] = frozenset()) -> None:
-    """Every model has exactly the base's tensor names, the same shapes, and floating dtypes where the base does.
-
-    `vocab_names` (aligned by token, see :class:`VocabMerge`) may differ in their number of rows.
-    """
-    for r in models:
-        for name in base.names:
-            if name not in r:
-                raise CheckpointError(
-                    f"tensor {name!r} is in the base ({base.info(name).file}) but missing from model "
-                    f"{r.label} ({_weights_file(r)})"
-                )
-        if len(r) != len(base):
-            extra = next(n for n in r.names if n not in base)
-            raise CheckpointError(
-                f"tensor {extra!r} is in model {r.label} ({r.info(extra).file}) but not in the base "
-                f"({_weights_file(base)})"
-            )
-        for name in base.names:
-            b, m = base.info(name), r.info(name)
-            same = b.shape == m.shape or (name in vocab_names and tuple(b.shape[1:]) == tuple(m.shape[1:]))
-            if not same:
-                hint = ""
-                if len(b.shape) >= 1 and len(m.shape) == len(b.shape) and b.shape[1:] == m.shape[1:]:
-                    from hf_atm.merging.vocab import is_vocab_tensor_name
-
-                    if is_vocab_tensor_name(name):
-                        hint = (f" (vocabularies of {b.shape[0]} and {m.shape[0]} rows: pass --tokenizer-source "
-                                "base, union or a model to align the rows by token)")
-                raise CheckpointError(
-                    f"tensor {name!r} has shape {b.shape} in {b.file} but {m.shape} in {m.file}{hint}"
-                )
-            if b.dtype.is_floating_point != m.dtype.is_floating_point:
-                raise CheckpointError(
-                    f"tensor {name!r} is {b.dtype} in {b.file} but {m.dtype} in {m.file}: a tensor must be "
-                    "floating in every checkpoint or in none"
-                )
-
-
 def _check_output_vs_inputs(out: Path, inputs: Mapping[str, Path]) -> None:
     """The output may be neither an input folder nor one of its parents (overwriting would destroy it)."""
     target = out.resolve()
@@ -246,9 +192,7 @@ def _check_output_vs_inputs(out: Path, inputs: Mapping[str, Path]) -> None:
 # ------------------------------------------------------------------------------------------------- helpers
 def _resolve(ref: str, config: MergeConfig) -> tuple[Path, str | None]:
     """(local folder, Hub commit or None) for a reference; ``config.revisions`` pins unpinned Hub ids."""
-    pinned = ref
-    if ref in config.revisions and "@" not in ref and not is_local_reference(ref):
-        pinned = f"{ref}@{config.revisions[ref]}"
+    pinned = pin_revision(ref, config.revisions)
     path = resolve_model(pinned, allow_pickle=config.allow_pickle)
     if is_local_reference(ref):
         return path, None
@@ -357,7 +301,7 @@ class _TensorJob:
         """Every input finite, base first (methods that are not element-wise check before merging)."""
         own = xs is None
         for i, (t, info) in enumerate(zip(self.inputs if own else xs, self.infos)):
-            if not _all_finite(t):
+            if not all_finite(t):
                 raise _nonfinite_error(self.name, t, info.file)
             if own and i > 0:
                 self._release(i, t)  # checked: drop its pages now rather than hold every model's at once
@@ -369,10 +313,10 @@ class _TensorJob:
         pieces, overflow = [], False
         for s, e in _ranges(start, stop, step):
             part = [f[s:e] for f in flat]
-            if spec.method == "average" and not _all_finite(part[0]):  # average's result ignores the base
+            if spec.method == "average" and not all_finite(part[0]):  # average's result ignores the base
                 raise _nonfinite_error(name, part[0], self.infos[0].file)
             merged = _merge_one(spec, part[0], part[1:], name, self.out_dtype)
-            if not _all_finite(merged):
+            if not all_finite(merged):
                 # Linear methods propagate any NaN / Inf of an input, so checking the result suffices; when the
                 # result alone overflowed (finite inputs) it is written as is, with a warning.
                 _raise_if_inputs_nonfinite(name, part, self.infos)
@@ -535,20 +479,22 @@ def _stream(
 
 def _raise_if_inputs_nonfinite(name: str, tensors: Sequence[torch.Tensor], infos: Sequence[TensorInfo]) -> None:
     for t, info in zip(tensors, infos):
-        if not _all_finite(t):
+        if not all_finite(t):
             raise _nonfinite_error(name, t, info.file)
 
 
 # ------------------------------------------------------------------------------------------------ the merge
-def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> MergeResult:
+def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS,
+              sources: ModelSources = CHECKPOINTS) -> MergeResult:
     """Run the merge described by `config` (see the module docstring) and report what it wrote.
 
+    `sources`: how the models are opened (:class:`~hf_atm.merging.sources.ModelSources`); the default reads full
+    checkpoints only, :func:`hf_atm.lora.merge.run_merge` (``hf_atm.run_merge``) passes the LoRA-aware ones.
     Raises MergeConfigError / CheckpointError / OutputExistsError / HubError naming what is at fault; on
     any error nothing is left at ``config.output`` that was not there before.
     """
-    from hf_atm import __version__
     from hf_atm.hub.card import architectures_of, merge_model_card
-    from hf_atm.lora.source import open_model_source
+    from hf_atm.version import __version__
 
     t0 = time.perf_counter()
     config.validate()
@@ -557,12 +503,10 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
     out = Path(config.output).expanduser()
     check_output(out, config.overwrite)  # before any work; checked again under the output's lock
 
-    # [hub pre-check] Hub inputs compared from config.json + safetensors headers before any weight download
-    from hf_atm.hub.preflight import check_hub_inputs
-
+    # Hub inputs compared from config.json + safetensors headers before any weight download
     check_hub_inputs(config.base, config.models, revisions=config.revisions,
-                     tokenizer_source=config.tokenizer_source, allow_pickle=config.allow_pickle)
-    # [/hub pre-check]
+                     tokenizer_source=config.tokenizer_source, allow_pickle=config.allow_pickle,
+                     read_adapter_config=sources.read_adapter_config, check_adapter=sources.check_adapter)
 
     model_paths, resolved, revisions = [], {}, {}
     for ref in config.models:
@@ -573,7 +517,7 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
             revisions[ref] = rev
     if config.base is None:
         if config.spec.record.needs_base:
-            config = replace(config, base=infer_adapter_base(config.models, model_paths))
+            config = replace(config, base=sources.infer_base(config.models, model_paths))
         else:  # average / linear use no base values: the first model gives the layout and the files
             config = replace(config, base=config.models[0])
     base_path, base_rev = _resolve(config.base, config)
@@ -588,14 +532,14 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
         base_reader = stack.enter_context(
             CheckpointReader(base_path, allow_pickle=config.allow_pickle, label=config.base)
         )
-        # A model may be a peft LoRA adapter folder: it is then read as "base + adapter delta".
+        # With LoRA-aware sources a model may be a peft adapter folder, read as "base + adapter delta".
         model_readers = [
-            stack.enter_context(open_model_source(p, base_reader, allow_pickle=config.allow_pickle, label=ref))
+            stack.enter_context(sources.open(p, base_reader, allow_pickle=config.allow_pickle, label=ref))
             for ref, p in zip(config.models, model_paths)
         ]
         base, models = _tie_as_base(base_path, base_reader, model_paths, model_readers)
         vocab = _plan_vocab(config, base_path, model_paths, base, models)
-        _preflight(base, models, vocab.names if vocab is not None else frozenset())
+        check_same_tensors(base, models, vocab.names if vocab is not None else frozenset())
         specs = config.parameters.specs(base.names, len(models))
         cast = config.torch_dtype
         out_dtypes = {}
@@ -635,45 +579,14 @@ def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> M
     return MergeResult(out, len(plan), len(files), writer.total_size, time.perf_counter() - t0)
 
 
-def infer_adapter_base(refs: Sequence[str], paths: Sequence[Path]) -> str:
-    """The base every LoRA adapter among `paths` names (``base_model_name_or_path``), for a merge given no base.
-
-    MergeConfigError when a model is not an adapter, names no base, or the adapters name different bases.
-    """
-    from hf_atm.lora.delta import adapter_base_reference, is_adapter_folder
-
-    named: dict[str, str] = {}
-    for ref, path in zip(refs, paths):
-        if not is_adapter_folder(path):
-            raise MergeConfigError(
-                f"base: missing, and model {ref} is not a LoRA adapter naming its base; give --base"
-            )
-        found = adapter_base_reference(path)
-        if not found:
-            raise MergeConfigError(f"base: missing, and adapter {ref} names no base_model_name_or_path; give --base")
-        named[str(ref)] = found
-    if len(set(named.values())) != 1:
-        listed = ", ".join(f"{r}: {b}" for r, b in named.items())
-        raise MergeConfigError(f"base: missing, and the adapters name different bases ({listed}); give --base")
-    return next(iter(named.values()))
-
-
 def _tie_as_base(base_path: Path, base: CheckpointReader, model_paths: Sequence[Path],
                  models: Sequence[CheckpointReader]) -> tuple[CheckpointReader, list[CheckpointReader]]:
-    """The readers as the output's tying sees them (the base's): see :func:`hf_atm.merging.vocab.tie_reader`."""
-    from hf_atm.merging.vocab import embedding_names, tie_reader, tied_embeddings
+    """The readers as the output's tying (the base's) sees them: see :func:`hf_atm.merging.vocab.tie_as_base`
+    (a model folder without config.json is a LoRA adapter, read as base + delta: left as it is)."""
+    from hf_atm.merging.vocab import tie_as_base
 
-    if all(embedding_names(r.names)[1] is None for r in (base, *models)):
-        return base, list(models)  # no checkpoint stores an output head: nothing is tied or untied
-    base_tie = tied_embeddings(base_path, base.names, label=str(base.label))
-    wrapped = [tie_reader(base, base_tie, base_tie)]
-    for path, r in zip(model_paths, models):
-        if not (Path(path) / "config.json").is_file():  # a LoRA adapter: it is read as base + delta
-            wrapped.append(r)
-            continue
-        tie = tied_embeddings(path, r.names, label=str(r.label), base_names=base.names)
-        wrapped.append(tie_reader(r, tie, base_tie))
-    return wrapped[0], wrapped[1:]
+    folders = [p if (Path(p) / "config.json").is_file() else None for p in model_paths]
+    return tie_as_base(base, base_path, models, folders)
 
 
 @dataclass(frozen=True)
@@ -691,7 +604,7 @@ class VocabMerge:
         readers = [base, *models]
         inputs = [r.get(name) for r in readers]
         for r, t in zip(readers, inputs):
-            if not _all_finite(t):
+            if not all_finite(t):
                 raise _nonfinite_error(name, t, r.info(name).file)
         record = spec.record
 
@@ -777,6 +690,7 @@ def _chat_template(folder: Path) -> str | None:
     return None
 
 
-def merge_checkpoints(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS) -> Path:
+def merge_checkpoints(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS,
+                      sources: ModelSources = CHECKPOINTS) -> Path:
     """Merge the checkpoints described by `config`; return the output folder (see :func:`run_merge`)."""
-    return run_merge(config, chunk_elements=chunk_elements).output
+    return run_merge(config, chunk_elements=chunk_elements, sources=sources).output

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 import torch
 
 from hf_atm.errors import CheckpointError, MergeConfigError
+from hf_atm.hub.headers import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, read_weight_map
 from hf_atm.merging.output import NO_SPACE_ERRNOS
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
     "shard_file_names",
 ]
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
@@ -330,16 +329,9 @@ class CheckpointReader:
 
     def _read_index(self, index: Path) -> dict[str, Path]:
         """tensor name -> shard path from a transformers index file; every shard must exist."""
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            raw_map = data["weight_map"]
-            if not isinstance(raw_map, dict) or not raw_map:
-                raise ValueError("weight_map is empty or not a mapping")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"corrupt checkpoint index {index}: {e}") from e
         weight_map = {}
-        for name, fname in raw_map.items():
-            path = self.folder / str(fname)
+        for name, fname in read_weight_map(index).items():
+            path = self.folder / fname
             if not path.is_file():
                 raise CheckpointError(f"shard {path} listed in {index} (for tensor {name!r}) is missing")
             weight_map[str(name)] = path
@@ -424,6 +416,14 @@ class CheckpointReader:
     def info(self, name: str) -> TensorInfo:
         """Dtype, shape and file of tensor `name` (KeyError if absent)."""
         return self._infos[name]
+
+    @property
+    def weights_file(self) -> str:
+        """The file that names the checkpoint's tensors: its index, or its single weights file (for messages)."""
+        if len(self.files) == 1:
+            return str(self.files[0])
+        index = SAFE_WEIGHTS_INDEX_NAME if self.format == "safetensors" else PT_WEIGHTS_INDEX_NAME
+        return str(self.folder / index)
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor `name`, zero-copy from the file map where possible. Treat it as read-only."""

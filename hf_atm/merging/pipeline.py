@@ -80,7 +80,8 @@ class InFlight:
             self._stopped = True
             self._cv.notify_all()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Ready for a new run: not stopping, nothing in flight, the peak counted afresh."""
         with self._cv:
             self._stopped = False
             self.alive = self.bytes = self.peak = 0
@@ -169,7 +170,7 @@ def run_ordered(
     flight = in_flight if in_flight is not None else InFlight()
     if flight.max_tensors is None:
         flight.max_tensors = 2 * max(1, workers) + 2
-    flight._reset()
+    flight.reset()
     pool = Pool(workers)
     read_q: queue.Queue = queue.Queue()  # bounded by the budget: the reader waits for room first
     write_q: queue.Queue = queue.Queue()
@@ -226,8 +227,17 @@ def run_ordered(
             stop.set()
             flight.stop()
 
-    threads = [threading.Thread(target=reader, name="hf-atm-read", daemon=True),
-               threading.Thread(target=writer, name="hf-atm-write", daemon=True)]
+    stages = {"hf-atm-read": reader, "hf-atm-write": writer}
+    # Set by each thread as it starts running: a thread may be joined only once it has really started.
+    running = {name: threading.Event() for name in stages}
+
+    def entered(name: str) -> Callable[[], None]:
+        def run() -> None:
+            running[name].set()
+            stages[name]()
+        return run
+
+    threads = [threading.Thread(target=entered(name), name=name, daemon=True) for name in stages]
 
     def shutdown() -> None:
         stop.set()
@@ -236,8 +246,7 @@ def run_ordered(
         pool.shutdown()
         for t in started:
             # a start() cut short by a signal: its thread may still be coming up (it then ends at once)
-            t._started.wait(1.0)  # noqa: SLF001
-            if t._started.is_set():  # noqa: SLF001
+            if running[t.name].wait(1.0):
                 t.join()
 
     started: list[threading.Thread] = []

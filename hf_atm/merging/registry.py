@@ -17,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -25,19 +25,30 @@ from torch import Tensor
 from hf_atm.errors import MergeConfigError
 from hf_atm.merging import methods as M
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hf_atm.merging.spec import MergeSpec
-
 __all__ = [
     "METHODS",
     "OPTIONS",
     "MethodRecord",
     "OptionRecord",
+    "SpecOptions",
     "get_method",
     "methods_help",
     "tensor_generators",
     "tensor_seed",
 ]
+
+
+class SpecOptions(Protocol):
+    """What a record's functions read of a merge spec (:class:`hf_atm.merging.spec.MergeSpec` is one).
+
+    A structural type, so that the registry does not import the spec module built on top of it.
+    """
+
+    method: str
+    weights: Sequence[float] | None
+    seed: int
+    normalize: bool | None
+
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -175,11 +186,11 @@ class MethodRecord:
         return self.defaults.get(option)
 
 
-def _w(spec: MergeSpec) -> list[float] | None:
+def _w(spec: SpecOptions) -> list[float] | None:
     return None if spec.weights is None else [float(w) for w in spec.weights]
 
 
-def _opt(spec: MergeSpec, option: str) -> Any:
+def _opt(spec: SpecOptions, option: str) -> Any:
     """``spec.<option>`` or the method's default; per-model tuples become lists."""
     value = getattr(spec, option)
     if value is None:
@@ -187,7 +198,7 @@ def _opt(spec: MergeSpec, option: str) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _rescale(spec: MergeSpec) -> str | None:
+def _rescale(spec: SpecOptions) -> str | None:
     value = _opt(spec, "rescale")
     return None if value == "none" else value
 
@@ -196,124 +207,124 @@ def _pick(value: Any, index: int) -> Any:
     return value[index] if isinstance(value, list) else value
 
 
-def _gens(spec: MergeSpec, name: str, n: int) -> list[torch.Generator]:
+def _gens(spec: SpecOptions, name: str, n: int) -> list[torch.Generator]:
     return tensor_generators(spec.seed, name, range(n))
 
 
 # -- delta forms
-def _task_arithmetic(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _task_arithmetic(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.task_arithmetic(taus, _w(spec))
 
 
-def _average(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _average(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.average(taus, _w(spec))
 
 
-def _ties(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _ties(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.ties(taus, _w(spec), _opt(spec, "density"), _opt(spec, "majority_sign_method"), spec.normalize)
 
 
-def _dare_linear(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _dare_linear(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.dare_linear(taus, _w(spec), _opt(spec, "density"), generator=_gens(spec, name, len(taus)),
                          rescale=_rescale(spec))
 
 
-def _dare_ties(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _dare_ties(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.dare_ties(taus, _w(spec), _opt(spec, "density"), _opt(spec, "majority_sign_method"),
                        generator=_gens(spec, name, len(taus)), normalize=spec.normalize, rescale=_rescale(spec))
 
 
-def _breadcrumbs(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _breadcrumbs(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.breadcrumbs(taus, _w(spec), _opt(spec, "density"), _opt(spec, "gamma"))
 
 
-def _breadcrumbs_ties(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _breadcrumbs_ties(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.breadcrumbs_ties(taus, _w(spec), _opt(spec, "density"), _opt(spec, "gamma"),
                               _opt(spec, "majority_sign_method"), normalize=spec.normalize)
 
 
-def _della(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _della(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.della(taus, _w(spec), _opt(spec, "density"), _opt(spec, "epsilon"), _opt(spec, "majority_sign_method"),
                    generator=_gens(spec, name, len(taus)), normalize=spec.normalize, rescale=_rescale(spec))
 
 
-def _della_linear(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _della_linear(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.della_linear(taus, _w(spec), _opt(spec, "density"), _opt(spec, "epsilon"),
                           generator=_gens(spec, name, len(taus)), rescale=_rescale(spec))
 
 
-def _tsv(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _tsv(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.tsv(taus, _w(spec))
 
 
-def _iso_c(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _iso_c(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.iso_c(taus, _w(spec))
 
 
-def _model_stock(spec: MergeSpec, taus: Sequence[Tensor], name: str) -> Tensor:
+def _model_stock(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor:
     return M.model_stock(taus)
 
 
 # -- model forms
-def _average_models(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor], name: str) -> Tensor:
+def _average_models(spec: SpecOptions, base: Tensor | None, models: Sequence[Tensor], name: str) -> Tensor:
     return M.average(models, _w(spec))
 
 
-def _slerp_models(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor], name: str) -> Tensor:
+def _slerp_models(spec: SpecOptions, base: Tensor | None, models: Sequence[Tensor], name: str) -> Tensor:
     assert base is not None
     return M.slerp(base, models[0], float(_opt(spec, "t")))
 
 
 # -- per-task terms of the sum-decomposable methods
-def _unit(spec: MergeSpec, index: int) -> float:
+def _unit(spec: SpecOptions, index: int) -> float:
     return 1.0 if spec.weights is None else float(spec.weights[index])
 
 
-def _term_task_arithmetic(spec: MergeSpec, tau: Tensor, index: int, name: str, n: int) -> Tensor:
+def _term_task_arithmetic(spec: SpecOptions, tau: Tensor, index: int, name: str, n: int) -> Tensor:
     return tau.to(dtype=M.compute_dtype([tau]), copy=True)
 
 
-def _term_average(spec: MergeSpec, tau: Tensor, index: int, name: str, n: int) -> Tensor:
+def _term_average(spec: SpecOptions, tau: Tensor, index: int, name: str, n: int) -> Tensor:
     total = float(n) if spec.weights is None else float(sum(spec.weights))
     # the weight is folded in here (average's terms are w_i / sum w), so the caller does not multiply again
     return tau.to(dtype=M.compute_dtype([tau]), copy=True).mul_(_unit(spec, index) / total)
 
 
-def _term_dare_linear(spec: MergeSpec, tau: Tensor, index: int, name: str, n: int) -> Tensor:
+def _term_dare_linear(spec: SpecOptions, tau: Tensor, index: int, name: str, n: int) -> Tensor:
     gen = tensor_generators(spec.seed, name, [index])
     return M.dare_linear([tau], density=_pick(_opt(spec, "density"), index), generator=gen, rescale=_rescale(spec))
 
 
-def _term_breadcrumbs(spec: MergeSpec, tau: Tensor, index: int, name: str, n: int) -> Tensor:
+def _term_breadcrumbs(spec: SpecOptions, tau: Tensor, index: int, name: str, n: int) -> Tensor:
     return M.breadcrumbs([tau], density=_pick(_opt(spec, "density"), index), gamma=_pick(_opt(spec, "gamma"), index))
 
 
-def _term_della_linear(spec: MergeSpec, tau: Tensor, index: int, name: str, n: int) -> Tensor:
+def _term_della_linear(spec: SpecOptions, tau: Tensor, index: int, name: str, n: int) -> Tensor:
     gen = tensor_generators(spec.seed, name, [index])
     return M.della_linear([tau], density=_pick(_opt(spec, "density"), index),
                           epsilon=_pick(_opt(spec, "epsilon"), index), generator=gen, rescale=_rescale(spec))
 
 
 # -- sliced plans (phase 1 of the two-phase methods)
-def _plan_ties(spec: MergeSpec, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
+def _plan_ties(spec: SpecOptions, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
                name: str) -> M.SlicedCombine:
     return M.ties_plan(magnitude, n, math.prod(shape), _w(spec), _opt(spec, "density"),
                        _opt(spec, "majority_sign_method"), spec.normalize)
 
 
-def _plan_dare_ties(spec: MergeSpec, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
+def _plan_dare_ties(spec: SpecOptions, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
                     name: str) -> M.SlicedCombine:
     return M.dare_ties_plan(shape, n, _w(spec), _opt(spec, "density"), _opt(spec, "majority_sign_method"),
                             generator=_gens(spec, name, n), normalize=spec.normalize, rescale=_rescale(spec),
                             magnitude=magnitude)
 
 
-def _plan_breadcrumbs(spec: MergeSpec, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
+def _plan_breadcrumbs(spec: SpecOptions, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
                       name: str) -> M.SlicedCombine:
     return M.breadcrumbs_plan(magnitude, n, math.prod(shape), _w(spec), _opt(spec, "density"), _opt(spec, "gamma"))
 
 
-def _plan_breadcrumbs_ties(spec: MergeSpec, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
+def _plan_breadcrumbs_ties(spec: SpecOptions, magnitude: Callable[[int], Tensor], n: int, shape: torch.Size,
                            name: str) -> M.SlicedCombine:
     return M.breadcrumbs_ties_plan(magnitude, n, math.prod(shape), _w(spec), _opt(spec, "density"),
                                    _opt(spec, "gamma"), _opt(spec, "majority_sign_method"), spec.normalize)

@@ -91,6 +91,7 @@ __all__ = [
     "merge_vocab_tensor",
     "output_vocab_size",
     "plan_vocabulary",
+    "tie_as_base",
     "tie_reader",
     "tied_embeddings",
     "vocab_tensor_names",
@@ -711,3 +712,24 @@ def tie_reader(reader: Any, tie: TiedEmbeddings, base_tie: TiedEmbeddings) -> An
         raise CheckpointError(f"{label}: ties its embeddings but no embedding / head tensor name was found")
     hidden = [tie.head] if tie.head is not None and tie.head != head and tie.head in reader else []
     return TiedEmbeddingsReader(reader, hidden=hidden, aliases={head: tie.embedding})
+
+
+def tie_as_base(base: Any, base_folder: str | Path, models: Sequence[Any],
+                folders: Sequence[str | Path | None]) -> tuple[Any, list[Any]]:
+    """The readers as the output's tying (the base's) sees them: each through :func:`tie_reader`, its tying read
+    from the config in its folder. A model whose folder is None (a LoRA adapter, read as base + delta: the
+    base's tensors) is left as it is; nothing is wrapped when no checkpoint stores an output head.
+    Raises CheckpointError when a config cannot be loaded (see :func:`tied_embeddings`).
+    """
+    if all(embedding_names(r.names)[1] is None for r in (base, *models)):
+        return base, list(models)  # no checkpoint stores an output head: nothing is tied or untied
+    base_tie = tied_embeddings(base_folder, base.names, label=str(base.label))
+    base_view = tie_reader(base, base_tie, base_tie)
+    views = []
+    for folder, r in zip(folders, models):
+        if folder is None:
+            views.append(r)
+            continue
+        tie = tied_embeddings(folder, r.names, label=str(r.label), base_names=base.names)
+        views.append(tie_reader(r, tie, base_tie))
+    return base_view, views

@@ -1,0 +1,122 @@
+"""Task data of an ATM run: each task's DatasetDict checked against the model and prepared (labels, inputs).
+
+PH mode also divides each task's ``validation`` split deterministically
+(``Dataset.train_test_split(test_size=ph_select_fraction, seed=args.seed)``) into ``validation_tune`` (what
+the rounds train on) and ``validation_select`` (what scores every round).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from hf_atm.atm.model import MultiTaskModel
+from hf_atm.errors import TaskDataError
+
+__all__ = ["input_columns", "prepare_split", "prepare_task_data"]
+
+
+def input_columns(model: MultiTaskModel) -> set[str]:
+    """The input names `model`'s backbone forward accepts (besides **kwargs): the dataset columns kept."""
+    params = inspect.signature(model.backbone.forward).parameters
+    return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def prepare_split(ds: Any, task: str, split: str, model: MultiTaskModel, torch_format: bool,
+                  require_labels: bool = True) -> Any:
+    """`ds` (split `split` of `task`) with its label column named ``labels``, only the backbone's input
+    columns kept, labels checked against the model's head (TaskDataError naming task and split); in torch
+    format when `torch_format`. Without `require_labels` a split with no label column is accepted (inputs
+    only, for prediction)."""
+    cols = list(ds.column_names)
+    label_col = "labels" if "labels" in cols else "label" if "label" in cols else None
+    if len(ds) == 0:
+        raise TaskDataError(f"task {task!r}, split {split!r} has no examples")
+    if label_col is None:
+        if require_labels:
+            raise TaskDataError(f"task {task!r}, split {split!r}: no 'labels' or 'label' column (columns: {cols})")
+        return _select_inputs(ds, task, split, model, [], torch_format)
+    names = model.tasks[task]
+    feature = ds.features.get(label_col)
+    if getattr(feature, "names", None) is not None and list(feature.names) != names:
+        raise TaskDataError(
+            f"task {task!r}, split {split!r}: label names {list(feature.names)} differ from the model's head "
+            f"labels {names}"
+        )
+    labels = np.asarray(ds[label_col])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise TaskDataError(f"task {task!r}, split {split!r}: column {label_col!r} must hold integer class ids")
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise TaskDataError(
+            f"task {task!r}, split {split!r}: labels outside 0..{len(names) - 1} "
+            f"(min {int(labels.min())}, max {int(labels.max())})"
+        )
+    if label_col == "label":
+        ds = ds.rename_column("label", "labels")
+    return _select_inputs(ds, task, split, model, ["labels"], torch_format)
+
+
+def _select_inputs(ds: Any, task: str, split: str, model: MultiTaskModel, extra: list[str],
+                   torch_format: bool) -> Any:
+    """`ds` reduced to the backbone's input columns and `extra` (TaskDataError when it has no input)."""
+    cols = list(ds.column_names)
+    keep = [c for c in cols if c in input_columns(model)]
+    if not keep:
+        raise TaskDataError(
+            f"task {task!r}, split {split!r}: no model input column (expected some of "
+            f"{sorted(input_columns(model))}, got {cols})"
+        )
+    ds = ds.select_columns([*keep, *extra])
+    return ds.with_format("torch") if torch_format else ds
+
+
+def prepare_task_data(
+    task_datasets: Mapping[str, Any],
+    model: MultiTaskModel,
+    *,
+    mode: str,
+    select_fraction: float,
+    seed: int,
+    torch_format: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Check and prepare each task's DatasetDict; returns ``{task: {split: Dataset}}``.
+
+    PA needs ``train`` and ``validation``; PH needs ``validation`` and adds ``validation_tune`` /
+    ``validation_select`` (the deterministic split described in the module docstring). ``test`` is
+    optional (only ``evaluate(split="test")`` needs it). Every problem raises TaskDataError naming the task
+    and split, before any training.
+    """
+    if not isinstance(task_datasets, Mapping) or not task_datasets:
+        raise TaskDataError("task_datasets must be a non-empty mapping {task name: DatasetDict}")
+    out: dict[str, dict[str, Any]] = {}
+    for task in sorted(task_datasets):
+        dd = task_datasets[task]
+        if task not in model.tasks:
+            raise TaskDataError(f"task {task!r} has no head in the model (model tasks: {list(model.tasks)})")
+        splits = list(dd.keys()) if hasattr(dd, "keys") else []
+        required = ["train", "validation"] if mode == "pa" else ["validation"]
+        for sp in required:
+            if sp not in splits:
+                raise TaskDataError(f"task {task!r} has no {sp!r} split (splits: {splits})")
+        prepared = {
+            sp: prepare_split(dd[sp], task, sp, model, torch_format)
+            for sp in ("train", "validation", "test")
+            if sp in splits
+        }
+        if mode == "ph":
+            val = prepared["validation"]
+            n_sel = int(math.ceil(select_fraction * len(val)))
+            if n_sel < 1 or len(val) - n_sel < 1:
+                raise TaskDataError(
+                    f"task {task!r}: validation has {len(val)} examples, too few to hold out "
+                    f"ph_select_fraction={select_fraction} for round selection"
+                )
+            parts = val.train_test_split(test_size=n_sel, seed=seed, shuffle=True)
+            prepared["validation_tune"] = parts["train"]
+            prepared["validation_select"] = parts["test"]
+        out[task] = prepared
+    return out

@@ -1,0 +1,352 @@
+"""The TrainingArguments contract of ATMConfig / ATMTrainer: every option is honoured, refused naming it, or
+inert (``TRAINING_ARGUMENTS_CONTRACT``), the merge options come from the registry, and the honoured options
+that need the trainer behave as stated (gradient checkpointing, logging, saving, best round, early stopping,
+compute_metrics, predict)."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scripts.atm_data import TASK_LABELS, digits_tasks, tiny_vit
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
+
+from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel
+from hf_atm.atm.config import (
+    ATM_MERGE_METHODS,
+    ATM_MERGE_OPTIONS,
+    TRAINING_ARGUMENTS_CONTRACT,
+    merge_field,
+)
+from hf_atm.atm.tuning import loader_options
+from hf_atm.errors import MergeConfigError
+from hf_atm.merging.registry import OPTIONS, get_method
+from hf_atm.merging.spec import MergeSpec
+
+TASKS = ("parity", "high")
+
+#: one refused value for every option the contract refuses in full, and the refused values of honoured ones.
+REFUSED = {
+    "num_train_epochs": 2.0,
+    "max_steps": 1,
+    "label_smoothing_factor": 0.1,
+    "remove_unused_columns": False,
+    "label_names": ["label_ids"],
+    "data_seed": 3,
+    "fp16": True,
+    "bf16_full_eval": True,
+    "fp16_full_eval": True,
+    "torch_compile": True,
+    "torch_compile_backend": "inductor",
+    "torch_compile_mode": "default",
+    "use_liger_kernel": True,
+    "liger_kernel_config": {"rope": True},
+    "neftune_noise_alpha": 5.0,
+    "auto_find_batch_size": True,
+    "include_num_input_tokens_seen": "all",
+    "skip_memory_metrics": False,
+    "debug": "underflow_overflow",
+    "eval_steps": 10,
+    "eval_delay": 1,
+    "prediction_loss_only": True,
+    "eval_use_gather_object": True,
+    "batch_eval_metrics": True,
+    "include_for_metrics": ["inputs"],
+    "save_steps": 10,
+    "save_only_model": True,
+    "enable_jit_checkpoint": True,
+    "parallelism_config": {"dp_shard_size": 2},
+    # honoured options' refused values
+    "eval_strategy": "steps",
+    "save_strategy": "best",
+    "hub_strategy": "checkpoint",
+    "lr_scheduler_type": "reduce_lr_on_plateau",
+    "optim": "galore_adamw_layerwise",
+    "train_sampling_strategy": "group_by_length",
+    # sharding and DDP (ATM's data_parallel averages gradients itself)
+    "fsdp": "full_shard",
+    "fsdp_config": {"min_num_params": 1},
+    "deepspeed": {"train_batch_size": 8},
+    "ddp_find_unused_parameters": True,
+    "ddp_bucket_cap_mb": 10,
+    "ddp_broadcast_buffers": False,
+    "ddp_static_graph": True,
+}
+MORE_REFUSED = [
+    ("lr_scheduler_type", "greedy"), ("optim", "lomo"), ("optim", "adalomo"), ("optim", "schedule_free_adamw"),
+    ("optim", "apollo_adamw_layerwise"), ("hub_strategy", "all_checkpoints"), ("train_sampling_strategy", "sequential"),
+    ("include_num_input_tokens_seen", True),
+]
+
+
+def base_kwargs(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, save_strategy="no", seed=5)
+    base.update(kw)
+    return base
+
+
+def make_args(tmp_path, **kw):
+    defaults = dict(rounds=1, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=1)
+    return ATMConfig(**base_kwargs(tmp_path, **{**defaults, **kw}))
+
+
+def make_model(seed=0):
+    return MultiTaskModel.from_backbone(tiny_vit(seed=seed), {t: TASK_LABELS[t] for t in TASKS}, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_tasks(TASKS, n_train=32, n_val=16, n_test=16, seed=0)
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs, self.evals, self.saves, self.checkpointing = [], [], [], []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.logs.append(dict(logs))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        self.evals.append(dict(metrics))
+
+    def on_save(self, args, state, control, **kw):
+        self.saves.append(state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.checkpointing.append(bool(model.backbone.is_gradient_checkpointing))
+
+
+def backbone_copy(model):
+    return {k: v.detach().clone() for k, v in model.backbone_tensors().items()}
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+def test_contract_covers_every_training_arguments_field():
+    names = [f.name for f in dataclasses.fields(TrainingArguments)]
+    missing = sorted(set(names) - set(TRAINING_ARGUMENTS_CONTRACT))
+    assert not missing, f"TrainingArguments options missing from TRAINING_ARGUMENTS_CONTRACT: {missing}"
+    stale = sorted(set(TRAINING_ARGUMENTS_CONTRACT) - set(names))
+    assert not stale, f"TRAINING_ARGUMENTS_CONTRACT names options TrainingArguments no longer has: {stale}"
+    for name, verdict in TRAINING_ARGUMENTS_CONTRACT.items():
+        kind, _, how = verdict.partition(": ")
+        assert kind in ("honoured", "refused", "inert") and len(how) > 10, (name, verdict)
+
+
+def test_every_refused_option_has_a_refused_example():
+    refused = {n for n, v in TRAINING_ARGUMENTS_CONTRACT.items() if v.startswith("refused")}
+    assert refused <= set(REFUSED), sorted(refused - set(REFUSED))
+
+
+@pytest.mark.parametrize("mode", ["task_parallel", "data_parallel"])
+@pytest.mark.parametrize("name,value", [*REFUSED.items(), *MORE_REFUSED], ids=lambda x: str(x))
+def test_refused_options_are_refused_naming_them(tmp_path, name, value, mode):
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode=mode, **{name: value}))
+
+
+def test_defaults_and_accepted_values_build(tmp_path):
+    ATMConfig(**base_kwargs(tmp_path))
+    ATMConfig(**base_kwargs(tmp_path, save_strategy="steps"))  # TrainingArguments' default: per round in ATM
+    ATMConfig(**base_kwargs(tmp_path, eval_strategy="epoch", logging_strategy="no", label_names=["labels"],
+                            hub_strategy="end", optim="adamw_torch", lr_scheduler_type="cosine"))
+    cfg = ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp="", deepspeed=None))
+    assert cfg.atm_parallel_mode == "data_parallel"
+    # the TrainingArguments property is not shadowed by ATM's option
+    assert not isinstance(cfg.parallel_mode, str)
+
+
+def test_best_round_needs_per_round_evaluation_and_saving(tmp_path):
+    with pytest.raises(ValueError, match="load_best_model_at_end needs eval_strategy='epoch'"):
+        ATMConfig(**base_kwargs(tmp_path, load_best_model_at_end=True, eval_strategy="epoch", save_strategy="steps"))
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        ATMConfig(**base_kwargs(tmp_path, load_best_model_at_end=True, eval_strategy="no", save_strategy="no"))
+    cfg = ATMConfig(**base_kwargs(tmp_path, load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch"))
+    assert cfg.metric_for_best_model == "eval_mean_accuracy" and cfg.greater_is_better is True
+
+
+@pytest.mark.parametrize("name,value", [("atm_mode", "pp"), ("atm_parallel_mode", "pipeline"),
+                                        ("merge_device", "cuda"), ("merge_accumulate_dtype", "bfloat16")])
+def test_atm_choices_name_the_option(tmp_path, name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be one of"):
+        ATMConfig(**base_kwargs(tmp_path, **{name: value}))
+
+
+# ---------------------------------------------------------------------------------------------- merge options
+def test_merge_options_are_the_registrys():
+    read = {o for m in ATM_MERGE_METHODS for o in get_method(m).options} | {"weights"}
+    assert set(ATM_MERGE_OPTIONS) == read and read <= set(OPTIONS)
+    fields = {f.name: f for f in dataclasses.fields(ATMConfig)}
+    for option in ATM_MERGE_OPTIONS:
+        f = fields[merge_field(option)]
+        readers = [m for m in ATM_MERGE_METHODS if option in get_method(m).options]
+        assert all(m in f.metadata["help"] for m in readers), option
+    assert "slerp" not in ATM_MERGE_METHODS and "merge_t" not in fields
+
+
+def test_merge_spec_carries_every_option(tmp_path):
+    cfg = ATMConfig(**base_kwargs(tmp_path, merge_method="dare_ties", merge_density=0.4, merge_seed=3,
+                                  merge_majority_sign_method="frequency", merge_rescale="l1", merge_normalize=True,
+                                  merge_weights=[1.0, 2.0], merge_scale=0.5))
+    assert cfg.merge_spec(2) == MergeSpec(method="dare_ties", weights=(1.0, 2.0), scale=0.5, density=0.4, seed=3,
+                                          majority_sign_method="frequency", rescale="l1", normalize=True)
+    della = ATMConfig(**base_kwargs(tmp_path, merge_method="della", merge_epsilon=0.05))
+    assert della.merge_spec(3).to_dict()["epsilon"] == 0.05
+    ta = ATMConfig(**base_kwargs(tmp_path))
+    assert ta.merge_spec(4).scale == 0.25 and ta.resolved_merge_scale(4) == 0.25
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"merge_method": "ties", "merge_density": 0.0}, "merge_density"),
+    ({"merge_method": "ties", "merge_majority_sign_method": "mean"}, "merge_majority_sign_method"),
+    ({"merge_method": "task_arithmetic", "merge_majority_sign_method": "frequency"}, "merge_majority_sign_method"),
+    ({"merge_method": "task_arithmetic", "merge_density": 0.5}, "merge_density"),
+    ({"merge_method": "della", "merge_epsilon": -0.1}, "merge_epsilon"),
+    ({"merge_method": "ties", "merge_epsilon": 0.1}, "merge_epsilon"),
+    ({"merge_method": "dare_linear", "merge_rescale": "l2"}, "merge_rescale"),
+    ({"merge_method": "tsv", "merge_normalize": True}, "merge_normalize"),
+    ({"merge_method": "average", "merge_scale": 2.0}, "merge_scale"),
+    ({"merge_method": "model_stock", "merge_weights": [1.0, 1.0]}, "merge_weights"),
+    ({"merge_method": "breadcrumbs", "merge_gamma": 0.5, "merge_density": 0.9}, "merge_gamma"),
+    ({"merge_method": "ties", "merge_density": [0.2, 0.3], "merge_weights": [1.0, 1.0, 1.0]}, "merge_density"),
+    ({"merge_method": "slerp"}, "merge_method"),
+    ({"merge_method": "frankenmerge"}, "merge_method"),
+])
+def test_merge_errors_name_the_atmconfig_field(tmp_path, kw, field):
+    with pytest.raises(MergeConfigError, match=field):
+        ATMConfig(**base_kwargs(tmp_path, **kw))
+
+
+# ------------------------------------------------------------------------------------------ trainer behaviour
+class MetricsCalls:
+    """compute_metrics recording the size of each call; "hits" is the accuracy computed from the predictions."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, pred):
+        self.sizes.append(pred.label_ids.shape[0])
+        return {"hits": float(np.mean(np.argmax(pred.predictions, -1) == pred.label_ids))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """Two rounds saved and evaluated per round, with compute_metrics and a recording callback."""
+    out = tmp_path_factory.mktemp("trained")
+    rec, metrics = Recorder(), MetricsCalls()
+    tr = ATMTrainer(model=make_model(), args=make_args(out, rounds=2, save_strategy="epoch", eval_strategy="epoch"),
+                    task_datasets=data, callbacks=[rec], compute_metrics=metrics)
+    tr.train()
+    return tr, rec, metrics, out
+
+
+def test_on_save_fires_for_each_round_checkpoint(trained):
+    tr, rec, _, out = trained
+    steps = [h["steps"] for h in tr.history]
+    assert rec.saves == [steps[1], steps[1] + steps[2]]
+    for k in (1, 2):
+        state = json.loads((out / f"checkpoint-round-{k}" / "atm_state.json").read_text())
+        assert state["round"] == k
+
+
+def test_compute_metrics_is_called_per_task_and_round(trained):
+    tr, rec, metrics, _ = trained
+    assert len(metrics.sizes) >= len(TASKS) * len(tr.history) and set(metrics.sizes) == {16}
+    round_evals = [m for m in rec.evals if "eval_mean_accuracy" in m]
+    assert len(round_evals) >= len(tr.history)
+    for m in round_evals:
+        for t in TASKS:
+            assert m[f"eval_{t}_hits"] == pytest.approx(m[f"eval_{t}_accuracy"])
+        assert math.isclose(m["eval_mean_hits"], np.mean([m[f"eval_{t}_hits"] for t in TASKS]))
+
+
+def test_predict_per_task(trained, data):
+    tr = trained[0]
+    test = data["parity"]["test"]
+    out = tr.predict(test, task="parity")
+    assert out.predictions.shape == (len(test), len(TASK_LABELS["parity"]))
+    assert np.array_equal(out.label_ids, np.asarray(test["labels"]))
+    accuracy = float(np.mean(np.argmax(out.predictions, -1) == out.label_ids))
+    assert accuracy == pytest.approx(tr.evaluate(split="test")["eval_parity_accuracy"])
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path, data):
+    results, flags = [], []
+    for gc in (False, True):
+        model, rec = make_model(), Recorder()
+        tr = ATMTrainer(model=model, args=make_args(tmp_path / str(gc), gradient_checkpointing=gc),
+                        task_datasets=data, callbacks=[rec])
+        tr.train()
+        results.append(backbone_copy(model))
+        flags.append(rec.checkpointing)
+        assert not model.backbone.is_gradient_checkpointing  # the caller's model is left as given
+    assert flags[0] and not any(flags[0]) and all(flags[1])
+    for name, t in results[0].items():
+        torch.testing.assert_close(results[1][name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_logging_strategy_no_silences_round_and_step_logs(tmp_path, data):
+    rec = Recorder()
+    tr = ATMTrainer(model=make_model(), args=make_args(tmp_path, logging_strategy="no"),
+                    task_datasets=data, callbacks=[rec])
+    tr.train()
+    assert len(tr.history) == 2  # the round ran and round 0 and 1 were evaluated
+    assert all("train_runtime" in log for log in rec.logs), rec.logs  # only train()'s final summary
+    assert len(rec.evals) >= 2  # evaluation is not logging
+
+
+def test_early_stopping_stops_after_patience_rounds(tmp_path, data):
+    # learning_rate 0: no round improves on round 0, so patience 1 stops after round 1
+    args = make_args(tmp_path, rounds=4, learning_rate=0.0, eval_strategy="epoch", save_strategy="epoch",
+                     load_best_model_at_end=True)
+    tr = ATMTrainer(model=make_model(), args=args, task_datasets=data,
+                    callbacks=[EarlyStoppingCallback(early_stopping_patience=1)])
+    tr.train()
+    assert [h["round"] for h in tr.history] == [0, 1]
+    assert tr.best_round == 0
+
+
+def test_load_best_model_at_end_in_pa_mode(tmp_path, data):
+    model = make_model()
+    start = backbone_copy(model)
+    # greater_is_better=False picks the worst round: the best-round machinery must restore it, not keep the last
+    args = make_args(tmp_path, learning_rate=1e-2, eval_strategy="epoch", save_strategy="epoch",
+                     load_best_model_at_end=True, greater_is_better=False)
+    tr = ATMTrainer(model=model, args=args, task_datasets=data)
+    tr.train()
+    scores = [h["mean_accuracy"] for h in tr.history]
+    assert tr.best_round == int(np.argmin(scores))
+    assert tr.evaluate()["eval_mean_accuracy"] == pytest.approx(scores[tr.best_round])
+    if tr.best_round == 0:
+        for name, t in start.items():
+            assert torch.equal(model.backbone_tensors()[name], t), name
+
+
+class NanLossAtStep(ATMTrainer):
+    """A loss whose value is nan at optimizer step 1 (the first task's second step), its gradient the real one."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step == 1 and not return_outputs:
+            loss = loss + (torch.tensor(float("nan")) - loss).detach()
+        return loss
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_logging_nan_inf_filter(tmp_path, data, nan_filter):
+    rec = Recorder()
+    tr = NanLossAtStep(model=make_model(), args=make_args(tmp_path, logging_nan_inf_filter=nan_filter),
+                       task_datasets=data, callbacks=[rec])
+    tr.train()
+    step_losses = [v for log in rec.logs for k, v in log.items() if k.endswith("/loss")]
+    assert len(step_losses) == 4  # 2 tasks x 2 steps, logging_steps=1
+    assert all(math.isfinite(v) for v in step_losses) == nan_filter
+
+
+def test_dataloader_worker_options_reach_the_loaders(tmp_path):
+    args = ATMConfig(**base_kwargs(tmp_path, dataloader_num_workers=2, dataloader_persistent_workers=True,
+                                   dataloader_prefetch_factor=3, dataloader_multiprocessing_context="spawn"))
+    opts = loader_options(args)
+    assert opts["num_workers"] == 2 and opts["persistent_workers"] is True
+    assert opts["prefetch_factor"] == 3 and opts["multiprocessing_context"] == "spawn"
