@@ -375,3 +375,11 @@ def test_collector_and_data_parallel_helpers_on_two_gloo_processes(launched):
     for r in range(2):
         assert all(v == 1.5 for g in dp[r]["grads"] for v in g)  # mean of 1 and 2
         assert dp[r]["stats"] == [2.0, 0.5]  # per-task stats averaged in data_parallel
+        assert dp[r]["merged_dicts"] == {"task0": {"f1": 0.0}, "task1": {"f1": 1.0}}  # every rank gets all
+
+
+def test_merge_dicts_on_one_process_is_a_copy():
+    ex = TaskExchange(["a", "b"])
+    local = {"a": {"f1": 0.5}}
+    merged = ex.merge_dicts(local)
+    assert merged == local and merged is not local

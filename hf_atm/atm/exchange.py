@@ -230,6 +230,15 @@ class TaskExchange:
         if self.distributed:
             dist.barrier()
 
+    def merge_dicts(self, local: Mapping[str, Any]) -> dict[str, Any]:
+        """The union of every rank's `local` dict (picklable values; keys disjoint across ranks, as per-task
+        results are): each rank gets all of them. One process: a copy of `local`."""
+        if not self.distributed:
+            return dict(local)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, dict(local))
+        return {k: v for part in gathered for k, v in part.items()}
+
     def any_true(self, flag: bool) -> bool:
         """True when `flag` is True on some rank."""
         return bool(self.all_reduce_max(torch.tensor([1.0 if flag else 0.0])).item() > 0)

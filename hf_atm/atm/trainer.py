@@ -230,10 +230,8 @@ class ATMTrainer(TaskTuning, Trainer):
                 c, n, extras[t] = self._evaluate_task(t, datasets[t])
                 counts[j, 0], counts[j, 1] = c, n
         counts = self.exchange.all_reduce_sum(counts)
-        if self.compute_metrics is not None and self.exchange.distributed:
-            gathered: list[Any] = [None] * self.exchange.world_size
-            torch.distributed.all_gather_object(gathered, extras)
-            extras = {t: m for part in gathered for t, m in part.items()}
+        if self.compute_metrics is not None:
+            extras = self.exchange.merge_dicts(extras)
         acc = {t: float(counts[j, 0] / counts[j, 1]) if counts[j, 1] > 0 else math.nan for j, t in enumerate(names)}
         return acc, {t: extras.get(t, {}) for t in names}
 

@@ -164,6 +164,7 @@ def collector_checks(out: str) -> None:
         "small_batch_labels": dp.shard_batch({"labels": torch.arange(1)})["labels"].tolist(),
         "grads": [p.grad.flatten().tolist() for p in lin.parameters()],
         "stats": dp.reduce_task_stats(torch.tensor([2.0, float(rank)])).tolist(),
+        "merged_dicts": dp.merge_dicts({f"task{rank}": {"f1": float(rank)}}),  # per-task compute_metrics
     }
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"collector-{rank}.safetensors"))
     Path(out, f"collector-{rank}.json").write_text(json.dumps(info))
