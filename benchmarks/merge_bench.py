@@ -278,10 +278,6 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def dir_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
-    return sum(p.stat().st_size for p in folder.glob(pattern))
-
-
 def ensure_checkpoints(work: Path, arch: str, threads: int, env: dict) -> tuple[Path, list[Path], str]:
     """Create the checkpoints unless complete; return (base, models, a line on how they were built)."""
     spec = ARCHS[arch]
@@ -542,7 +538,7 @@ def run(args: argparse.Namespace, spec: dict, repeats: int, work: Path, mk_pytho
     inputs = [p for d in [base, *models] for p in sorted(d.glob("*.safetensors"))]
     in_bytes = sum(p.stat().st_size for p in inputs)
     base_shards = sorted(base.glob("*.safetensors"))
-    ckpt = dir_bytes(base)
+    ckpt = sum(p.stat().st_size for p in base_shards)
     largest_shard = max(p.stat().st_size for p in inputs)
     fsync = hf_atm_fsyncs()
     llama = spec["kind"] == "llama"
@@ -662,12 +658,12 @@ def run(args: argparse.Namespace, spec: dict, repeats: int, work: Path, mk_pytho
     print(f"one checkpoint: {fmt_mb(ckpt)}; largest input shard {fmt_mb(largest_shard)}; interpreter+torch import "
           f"RSS: {fmt_mb(floor_import['rss'])} (import wall {floor_import['wall']:.2f} s); read floor "
           f"{floor_read['wall']:.2f} s for {fmt_mb(in_bytes)}; read+write floor {floor_rw['wall']:.2f} s (+ "
-          f"{fmt_mb(sum(p.stat().st_size for p in base_shards))} written, {'fsync' if fsync else 'no fsync'})")
+          f"{fmt_mb(ckpt)} written, {'fsync' if fsync else 'no fsync'})")
     header = (f"{'method':<16}{'contender':<12}{'wall s':>9}{'cpu s':>9}{'x read':>8}{'x r+w':>8}{'x hf_atm':>10}"
               f"{'peak RSS':>12}{'RSS - import':>14}{'x ckpt':>8}{'inputs cached':>15}")
     print(header)
     print("-" * len(header))
-    floor_rows = [("floor", n, med("floor", n)) for n in ("read", "read+write", "import")]
+    floor_rows = [("floor", "read", floor_read), ("floor", "read+write", floor_rw), ("floor", "import", floor_import)]
     rows = floor_rows + [(m, n, r) for m, cs in results.items() for n, r in cs.items()]
     for method, name, r in rows:
         ref = results.get(method, {}).get("hf_atm")

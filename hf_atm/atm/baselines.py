@@ -235,8 +235,9 @@ def one_shot_merge(
 
     def set_scale(s: float) -> None:
         """backbone = base + s * combined (``average``: base + combined, the weighted mean of the models)."""
-        apply_delta_(tensors, individual.base,
-                     combined if method == "average" else {n: d * s for n, d in combined.items()})
+        for n, t in tensors.items():  # tensor by tensor: one scaled temporary at a time, not a model copy
+            d = combined.get(n)
+            apply_delta_({n: t}, individual.base, {} if d is None else {n: d if method == "average" else d * s})
 
     by_scale: dict[float, float] = {}
     best, best_acc = None, -math.inf

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from hf_atm.atm.evaluation import accumulate_gram
-from hf_atm.atm.exchange import TaskExchange, local_exchange
+from hf_atm.atm.exchange import TaskExchange, local_exchange, owner_of
 from hf_atm.merging.spec import (
     MergeSpec,
     merge_deltas,
@@ -154,6 +154,7 @@ class _SpillStore:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.index: dict[str, dict[str, tuple[int, torch.dtype]]] = {}  # task -> name -> (byte offset, dtype)
         self._files: dict[str, Any] = {}  # task -> open file being written
+        self._readers: dict[str, Any] = {}  # task -> open file being read back (one open per task, not per read)
         self._size: dict[str, int] = {}  # task -> bytes written
         self.nbytes = 0
 
@@ -187,13 +188,18 @@ class _SpillStore:
         # read into a tensor from torch's allocator: matmul kernels can take alignment-dependent paths, and
         # the Gram must not depend on where the bytes came from
         out = torch.empty(stop - start, dtype=dtype)
-        with open(self._path(task), "rb") as f:
-            f.seek(offset + start * out.element_size())
-            f.readinto(out.numpy())
+        f = self._readers.get(task)
+        if f is None:
+            f = self._readers[task] = open(self._path(task), "rb")  # closed by close()
+        f.seek(offset + start * out.element_size())
+        f.readinto(out.numpy())
         return out
 
     def close(self) -> None:
         self.flush()
+        for f in self._readers.values():
+            f.close()
+        self._readers.clear()
         self._cleanup()
         self.index.clear()
 
@@ -229,7 +235,6 @@ class DeltaCollector:
         self._sum: dict[str, torch.Tensor] = {}
         self._taus: dict[str, dict[str, torch.Tensor]] = {}
         self._added: set[str] = set()
-        self._touched_dtypes: dict[str, torch.dtype] = {}
         self._spill = _SpillStore(None if spill_dir is None else str(spill_dir)) if (
             compute_cosine and self.mode == "sum") else None
         self._buffers = buffers if buffers is not None else {}
@@ -337,7 +342,6 @@ class DeltaCollector:
         out: dict[str, torch.Tensor] = {}
         touched = self._touched()
         self.exchanged_names = list(touched)
-        self._touched_dtypes = touched
         for name, dtype in touched.items():
             local = self._sum.get(name)
             if local is None:
@@ -364,8 +368,8 @@ class DeltaCollector:
         w = self.ex.world_size
         slots = -(-self.n // w)
         rows = self.ex.all_gather_chunks(local, shape, dtype, slots)
-        # task j lives on rank j % w at position j // w
-        return [rows[(j % w) * slots + j // w] for j in range(self.n)]
+        # task j is the (j // w)-th task of its owner
+        return [rows[owner_of(j, w) * slots + j // w] for j in range(self.n)]
 
     def _finish_gather(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         mine = self.ex.my_tasks()
@@ -408,7 +412,7 @@ class DeltaCollector:
         mine = self.ex.my_tasks()
         gram = torch.zeros(self.n, self.n, dtype=torch.float64)
         step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, self.n))
-        for name in self._touched_dtypes:
+        for name in self.exchanged_names:
             dtype = _compute_dtype(self.dtypes[name])  # the task vectors' precision, as in gather mode
             start, stop = self._gram_part(self.shapes[name].numel())
             for a in range(0, stop - start, step):

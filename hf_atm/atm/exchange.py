@@ -181,21 +181,20 @@ class TaskExchange:
     def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.comm_device).contiguous()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of `t` over ranks (a new tensor on `t`'s device)."""
+    def _all_reduce(self, t: torch.Tensor, op: Any) -> torch.Tensor:
         if not self.distributed:
             return t.clone()
         c = self._to_comm(t).clone()
-        dist.all_reduce(c, op=dist.ReduceOp.SUM)
+        dist.all_reduce(c, op=op)
         return c.to(t.device)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of `t` over ranks (a new tensor on `t`'s device)."""
+        return self._all_reduce(t, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum of `t` over ranks (a new tensor on `t`'s device)."""
-        if not self.distributed:
-            return t.clone()
-        c = self._to_comm(t).clone()
-        dist.all_reduce(c, op=dist.ReduceOp.MAX)
-        return c.to(t.device)
+        return self._all_reduce(t, dist.ReduceOp.MAX)
 
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         """Overwrite `t` in place, on every rank, with rank `src`'s value."""

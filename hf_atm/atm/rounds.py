@@ -6,7 +6,7 @@ in-process run, a multi-process run and a federated run hold identical bits afte
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +29,7 @@ def vector_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reusable_buffer(pool: dict, key: tuple, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def reusable_buffer(pool: dict, key: Hashable, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A tensor shaped like `like` (on its device) kept in `pool` under `key` and reused from round to round
     (reallocated if shape, dtype or device changed): large CPU allocations are otherwise returned to the OS
     and page-faulted in again every round. Its content is undefined."""
@@ -53,11 +53,7 @@ def task_vector(
     """
     res: dict[str, torch.Tensor] = out if out is not None else {}
     for name, t in after.items():
-        dtype = vector_dtype(t.dtype)
-        buf = res.get(name)
-        if buf is None or buf.shape != t.shape or buf.dtype != dtype or buf.device != t.device:
-            buf = torch.empty(t.shape, dtype=dtype, device=t.device)
-            res[name] = buf
+        buf = reusable_buffer(res, name, t, vector_dtype(t.dtype))
         buf.copy_(t.detach()).sub_(before[name])
     return res
 

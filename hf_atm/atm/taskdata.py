@@ -64,11 +64,12 @@ def _select_inputs(ds: Any, task: str, split: str, model: MultiTaskModel, extra:
                    torch_format: bool) -> Any:
     """`ds` reduced to the backbone's input columns and `extra` (TaskDataError when it has no input)."""
     cols = list(ds.column_names)
-    keep = [c for c in cols if c in input_columns(model)]
+    accepted = input_columns(model)
+    keep = [c for c in cols if c in accepted]
     if not keep:
         raise TaskDataError(
             f"task {task!r}, split {split!r}: no model input column (expected some of "
-            f"{sorted(input_columns(model))}, got {cols})"
+            f"{sorted(accepted)}, got {cols})"
         )
     ds = ds.select_columns([*keep, *extra])
     return ds.with_format("torch") if torch_format else ds

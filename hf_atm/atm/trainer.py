@@ -342,8 +342,7 @@ class ATMTrainer(TaskTuning, Trainer):
             if theta is not None and pos > 0:  # back to the round's starting point for the next task
                 tm = time.perf_counter()
                 with merge_threads(args.device), torch.no_grad():
-                    for name, t in tensors.items():
-                        t.copy_(theta[name])
+                    apply_delta_(tensors, theta, {})
                 merge_s += time.perf_counter() - tm
             run = self.tune_task(task, k, steps=self._steps[task], task_vector=False)
             tm = time.perf_counter()

@@ -31,7 +31,7 @@ from transformers.trainer_utils import set_seed
 
 from hf_atm.atm.rounds import merge_threads
 from hf_atm.atm.rounds import task_vector as compute_task_vector
-from hf_atm.errors import TaskDataError
+from hf_atm.errors import CheckpointError, TaskDataError
 from hf_atm.merging.spec import tensor_seed
 
 __all__ = [
@@ -141,6 +141,14 @@ def head_state(model: Any, task: str | None) -> dict[str, torch.Tensor]:
     if task is None:
         return model.heads_state_dict()
     return {k: v.detach().clone() for k, v in model.heads[task].state_dict().items()}
+
+
+def check_head_state(model: Any, task: str, state: Mapping[str, torch.Tensor]) -> None:
+    """CheckpointError unless `state` has every tensor of `task`'s head, each of its shape (a head received
+    from another process or node, before :func:`load_head_`)."""
+    for k, v in model.heads[task].state_dict().items():
+        if k not in state or tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"task {task!r}: head tensor {k!r} missing or of the wrong shape")
 
 
 @torch.no_grad()
@@ -449,11 +457,12 @@ class TaskTuning:
                 self.lr_scheduler.step()
                 model.zero_grad(set_to_none=True)
                 loss_sum += step_loss.detach()
-                if args.logging_nan_inf_filter and not torch.isfinite(step_loss).item():
+                logged = step_loss.detach()
+                if args.logging_nan_inf_filter:
                     # as Trainer: a nan / inf step is logged as the mean of the finite ones since the last log
-                    logged_sum += logged_sum / (1 + s - last_logged)
-                else:
-                    logged_sum += step_loss.detach()
+                    # (decided on the device: no host sync per step)
+                    logged = torch.where(torch.isfinite(logged), logged, logged_sum / (1 + s - last_logged))
+                logged_sum += logged
                 self.state.global_step += 1
                 self.state.epoch = epoch0 + (self._round_steps_done + s + 1) / max(1, self._round_steps_total)
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from hf_atm.atm.rounds import apply_delta_
+from hf_atm.atm.tuning import check_head_state, load_head_
 from hf_atm.errors import CheckpointError, TaskDataError
 from hf_atm.federated.compression import (
     Compression,
@@ -145,10 +146,7 @@ def _check_tensors(local: _Local, backbone: Mapping[str, torch.Tensor], head: Ma
     for n, t in backbone.items():
         if tuple(t.shape) != tuple(mine[n].shape):
             raise CheckpointError(f"tensor {n!r}: server shape {tuple(t.shape)} != node shape {tuple(mine[n].shape)}")
-    want = local.model.heads[local.task].state_dict()
-    for k, v in want.items():
-        if k not in head or tuple(head[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"task {local.task!r}: head tensor {k!r} missing or of the wrong shape")
+    check_head_state(local.model, local.task, head)
 
 
 @torch.no_grad()
@@ -161,16 +159,11 @@ def _load_state(local: _Local, ctx: Context) -> None:
     _check_tensors(local, backbone, head)
     for n, t in local.model.backbone_tensors().items():
         t.copy_(backbone[n])
-    for k, v in local.model.heads[local.task].state_dict(keep_vars=True).items():
-        v.data.copy_(head[k])
+    load_head_(local.model, local.task, head)
 
 
 def _store_backbone(local: _Local, ctx: Context) -> None:
     ctx.state.array_records[REC_BACKBONE] = tensors_to_record(local.model.backbone_tensors())
-
-
-def _head_tensors(local: _Local) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in local.model.heads[local.task].state_dict().items()}
 
 
 def _reply(msg: Message, info: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
@@ -217,7 +210,7 @@ def _train_common(cfg: FederatedATMConfig, ctx: Context, conf: Mapping[str, Any]
                               f"{int(conf['version'])} (the server re-syncs it next round)")
     _load_state(local, ctx)
     tau, stats = finetune_task(local.trainer, local.task, round_idx)
-    ctx.state.array_records[REC_HEAD] = tensors_to_record(_head_tensors(local))
+    ctx.state.array_records[REC_HEAD] = tensors_to_record(local.model.heads[local.task].state_dict())
     stats["num-examples"] = local.num_train
     return local, tau, stats
 
@@ -252,8 +245,9 @@ def _train_secagg(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Messag
     conf = msg.content.config_records[FITINS_CONFIG]
     local, tau, stats = _train_common(cfg, ctx, conf)
     spec = replace(MergeSpec.from_dict(json.loads(str(conf["merge-spec"]))), seed=int(conf["merge-round-seed"]))
-    names = sorted(local.model.backbone_tensors())
-    shapes = {n: t.shape for n, t in local.model.backbone_tensors().items()}
+    backbone = local.model.backbone_tensors()
+    names = sorted(backbone)
+    shapes = {n: t.shape for n, t in backbone.items()}
     term = secagg_client_transform(spec, tau, int(conf["task-index"]), int(conf["num-tasks"]),
                                    float(conf["secagg-coefficient"]))
     arrays = [term[n].to(torch.float32).numpy() if n in term else np.zeros(tuple(shapes[n]), np.float32) for n in names]
@@ -288,7 +282,7 @@ def _evaluate(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
     metrics = local.trainer.evaluate(split=split)
     total = len(local.trainer.task_data[local.task][split])
     correct = int(round(float(metrics[f"eval_{local.task}_accuracy"]) * total))
-    arrays = {REC_HEAD: tensors_to_record(_head_tensors(local))} if split == "validation" else {}
+    arrays = {REC_HEAD: tensors_to_record(local.model.heads[local.task].state_dict())} if split == "validation" else {}
     return _reply(msg, {"task": local.task, "version": _version(ctx), "split": split},
                   {"correct": correct, "total": total}, arrays)
 

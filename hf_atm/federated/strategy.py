@@ -42,6 +42,7 @@ from hf_atm.atm.collector import merge_round, round_spec
 from hf_atm.atm.evaluation import cosine_from_gram, mean_off_diagonal, normalized_accuracy
 from hf_atm.atm.history import HistoryEntry, write_history
 from hf_atm.atm.rounds import apply_delta_
+from hf_atm.atm.tuning import check_head_state, load_head_
 from hf_atm.errors import CheckpointError, TaskDataError
 from hf_atm.federated.aggregation import round_merge_spec
 from hf_atm.federated.checkpoints import (
@@ -154,16 +155,9 @@ class ATMStrategy:
     def _backbone(self) -> dict[str, Tensor]:
         return self.model.backbone_tensors()
 
-    def _head(self, task: str) -> dict[str, Tensor]:
-        return {k: v.detach().cpu() for k, v in self.model.heads[task].state_dict().items()}
-
     def _set_head(self, task: str, tensors: Mapping[str, Tensor]) -> None:
-        head = self.model.heads[task]
-        with torch.no_grad():
-            for k, v in head.state_dict(keep_vars=True).items():
-                if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape):
-                    raise CheckpointError(f"task {task!r}: head tensor {k!r} missing or of the wrong shape")
-                v.data.copy_(tensors[k])
+        check_head_state(self.model, task, tensors)  # every head tensor first: nothing half-copied
+        load_head_(self.model, task, tensors)
 
     def _down_seed(self, round_idx: int) -> int:
         return tensor_seed(self.cfg.seed, f"fed-down/{round_idx}") % (2**31)
@@ -204,7 +198,7 @@ class ATMStrategy:
             content = RecordDict({
                 REC_CONFIG: config_record(action=ACTION_SYNC, version=version, task=task),
                 REC_BACKBONE: backbone,
-                REC_HEAD: tensors_to_record(self._head(task)),
+                REC_HEAD: tensors_to_record(self.model.heads[task].state_dict()),
             })
             msgs.append(Message(content, nid, MessageType.QUERY, group_id=f"sync-{version}"))
         ok = []
@@ -240,8 +234,9 @@ class ATMStrategy:
         if self.cfg.secure_aggregation:
             return self._train_secagg(node_ids, round_idx)
         assert self.grid is not None
-        shapes = {n: t.shape for n, t in self._backbone().items()}
-        dtypes = {n: t.dtype for n, t in self._backbone().items()}
+        backbone = self._backbone()
+        shapes = {n: t.shape for n, t in backbone.items()}
+        dtypes = {n: t.dtype for n, t in backbone.items()}
         msgs = [Message(RecordDict({REC_CONFIG: ConfigRecord(self._train_config(nid, round_idx))}), nid,
                         MessageType.TRAIN, group_id=str(round_idx)) for nid in node_ids]
         t0 = time.perf_counter()
@@ -289,8 +284,9 @@ class ATMStrategy:
 
     def _train_secagg(self, node_ids: Sequence[int], round_idx: int) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
         assert self.grid is not None
-        names = sorted(self._backbone())
-        shapes = {n: t.shape for n, t in self._backbone().items()}
+        backbone = self._backbone()
+        names = sorted(backbone)
+        shapes = {n: t.shape for n, t in backbone.items()}
         configs = {nid: self._train_config(nid, round_idx) for nid in node_ids}
         t0 = time.perf_counter()
         mean_arrays, results, failures = run_secagg_round(self.grid, secagg_workflow(self.cfg), round_idx, configs)
@@ -447,9 +443,10 @@ class ATMStrategy:
         """Encode the merged delta for the downlink and apply its decoded form to the server's backbone (so
         server and nodes hold the same bits); returns the record sent."""
         record = encode_delta(delta, self.downlink, self._down_seed(k))
-        shapes = {n: t.shape for n, t in self._backbone().items()}
-        dtypes = {n: t.dtype for n, t in self._backbone().items()}
-        apply_delta_(self._backbone(), None, decode_delta(record, self.downlink, shapes, self._down_seed(k), dtypes))
+        backbone = self._backbone()
+        shapes = {n: t.shape for n, t in backbone.items()}
+        dtypes = {n: t.dtype for n, t in backbone.items()}
+        apply_delta_(backbone, None, decode_delta(record, self.downlink, shapes, self._down_seed(k), dtypes))
         return record
 
     def _round(self, k: int) -> None:

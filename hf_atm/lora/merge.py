@@ -88,6 +88,6 @@ def check_hub_inputs(
     LoRA adapters among them read and checked against the base: what :func:`run_merge` runs first."""
     preflight.check_hub_inputs(
         base_ref, model_refs, revisions=dict(revisions or {}), tokenizer_source=tokenizer_source,
-        allow_pickle=allow_pickle, token=token, endpoint=endpoint, read_adapter_config=read_adapter_config,
-        check_adapter=check_adapter_headers,
+        allow_pickle=allow_pickle, token=token, endpoint=endpoint,
+        read_adapter_config=ADAPTER_SOURCES.read_adapter_config, check_adapter=ADAPTER_SOURCES.check_adapter,
     )

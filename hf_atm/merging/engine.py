@@ -126,6 +126,13 @@ def _nonfinite_error(name: str, tensor: torch.Tensor, file: Path) -> CheckpointE
     return CheckpointError(f"tensor {name!r} in {file} contains {kind} values; refusing to merge non-finite weights")
 
 
+def check_finite_inputs(name: str, tensors: Sequence[torch.Tensor], files: Sequence[Path]) -> None:
+    """CheckpointError naming tensor `name` and the first of `files` whose tensor holds a NaN / inf."""
+    for t, file in zip(tensors, files):
+        if not all_finite(t):
+            raise _nonfinite_error(name, t, file)
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to `n` inside the block, restored after.
@@ -299,11 +306,12 @@ class _TensorJob:
 
     def check_inputs(self, xs: Sequence[torch.Tensor] | None = None) -> None:
         """Every input finite, base first (methods that are not element-wise check before merging)."""
-        own = xs is None
-        for i, (t, info) in enumerate(zip(self.inputs if own else xs, self.infos)):
-            if not all_finite(t):
-                raise _nonfinite_error(self.name, t, info.file)
-            if own and i > 0:
+        if xs is not None:
+            check_finite_inputs(self.name, xs, [info.file for info in self.infos])
+            return
+        for i, (t, info) in enumerate(zip(self.inputs, self.infos)):
+            check_finite_inputs(self.name, [t], [info.file])
+            if i > 0:
                 self._release(i, t)  # checked: drop its pages now rather than hold every model's at once
 
     def _elementwise(self, xs: Sequence[torch.Tensor], start: int, stop: int, step: int,
@@ -319,7 +327,7 @@ class _TensorJob:
             if not all_finite(merged):
                 # Linear methods propagate any NaN / Inf of an input, so checking the result suffices; when the
                 # result alone overflowed (finite inputs) it is written as is, with a warning.
-                _raise_if_inputs_nonfinite(name, part, self.infos)
+                self.check_inputs(part)
                 overflow = True
             pieces.append(merged.cpu() if to_host else merged)
         if overflow:
@@ -477,12 +485,6 @@ def _stream(
     finally:
         bar.close()
 
-def _raise_if_inputs_nonfinite(name: str, tensors: Sequence[torch.Tensor], infos: Sequence[TensorInfo]) -> None:
-    for t, info in zip(tensors, infos):
-        if not all_finite(t):
-            raise _nonfinite_error(name, t, info.file)
-
-
 # ------------------------------------------------------------------------------------------------ the merge
 def run_merge(config: MergeConfig, *, chunk_elements: int = CHUNK_ELEMENTS,
               sources: ModelSources = CHECKPOINTS) -> MergeResult:
@@ -603,9 +605,7 @@ class VocabMerge:
 
         readers = [base, *models]
         inputs = [r.get(name) for r in readers]
-        for r, t in zip(readers, inputs):
-            if not all_finite(t):
-                raise _nonfinite_error(name, t, r.info(name).file)
+        check_finite_inputs(name, inputs, [r.info(name).file for r in readers])
         record = spec.record
 
         def merge_rows(indices: list[int], base_rows: torch.Tensor, model_rows: list[torch.Tensor]) -> torch.Tensor:

@@ -33,13 +33,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from hf_atm.errors import CheckpointError
-from hf_atm.hub.headers import HubInput, read_hub_input
+from hf_atm.hub.headers import AdapterConfigReader, HubInput, read_hub_input
 from hf_atm.hub.resolve import is_local_reference
 from hf_atm.merging.vocab import (
     embedding_names,
@@ -50,8 +49,6 @@ from hf_atm.merging.vocab import (
 
 __all__ = ["AdapterCheck", "AdapterConfigReader", "check_hub_inputs", "check_same_tensors", "is_floating_dtype"]
 
-#: ``(folder, label) -> adapter config``: reads an adapter's config, CheckpointError when hf-atm cannot merge it.
-AdapterConfigReader = Callable[[Path, str], dict[str, Any]]
 #: ``(adapter, base) -> None``: CheckpointError when the adapter's tensors do not fit the base's headers.
 AdapterCheck = Callable[[HubInput, HubInput], None]
 
@@ -204,7 +201,8 @@ def _check_vocab_rows(base: Any, models: Sequence[Any], tokenizer_source: str | 
     """Without a tokenizer source every checkpoint must have the base's number of embedding rows."""
     if tokenizer_source is not None:
         return
-    embed = embedding_names(base.names)[0] or embedding_names(base.names)[1]
+    embed, head = embedding_names(base.names)
+    embed = embed or head
     if embed is None or not base.info(embed).shape:
         return
     rows = base.info(embed).shape[0]

@@ -192,14 +192,6 @@ class BreadcrumbsCombine(SlicedCombine):
         super().__init__(numel, weights)
         self.cursors = [(CutCursor(top), CutCursor(upto)) for top, upto in cuts]
 
-    def _bands(self, task_slices: Sequence[Tensor], start: int) -> list[Tensor]:
-        """Each task's band mask (bool) on the slice starting at `start` (advances the cursors)."""
-        bands = []
-        for t, (top, upto) in zip(task_slices, self.cursors):
-            mag = t.abs()
-            bands.append(upto.mask(mag, start) & ~top.mask(mag, start))
-        return bands
-
     def _float_bands(self, task_slices: Sequence[Tensor], start: int, at: bool = False) -> list[Tensor]:
         """Each task's band as floats, ``sign(trim_upto(|t|)) - sign(trim_top(|t|))`` (advances the cursors,
         unless `at`: the stateless :meth:`CutCursor.trim_at`).
