@@ -2,6 +2,7 @@
 
     python benchmarks/reproduce.py [--suites text vision] [--budgets 1 2 4 8] [--seeds 0 1 2]
                                    [--curve-seeds 0] [--threads 2] [--work reports/work] [--out reports]
+                                   [--head_init random|linear_probe|zero_shot|prototypes]
 
 For every suite and seed it runs, each from the same pre-trained backbone and with the same per-task data:
 
@@ -15,6 +16,10 @@ For every suite and seed it runs, each from the same pre-trained backbone and wi
 * the budget split at the largest budget: B rounds x 1 epoch against B/2 x 2, B/4 x 4, ..., 1 x B;
 * PH-ATM started from the TA, TIES and TSV-M merges at the largest budget: rounds of 1 epoch on part of the
   validation split, the best round chosen on the held-out rest, test accuracy recorded every round.
+
+Every method of a seed starts from the same heads, made once by ``--head_init`` (``hf_atm.atm.heads.shared_heads``;
+default ``random``: the seeded heads of ``MultiTaskModel.from_backbone``); a protocol other than random is recorded
+in the suite's settings, and a work folder holding another protocol's results is refused.
 
 Budgets other than the largest run only for ``--curve-seeds`` (they cost as much again); the largest
 budget, the split and PH-ATM run for every seed in ``--seeds``. The data splits are fixed (split seed 0):
@@ -73,6 +78,8 @@ class Suite:
         from hf_atm.data import load_suite
 
         self.name, self.settings = name, settings
+        self.head_init = settings.get("head_init", "random")
+        self._factories: dict[int, Any] = {}
         suite = load_suite(name, seed=0, max_train_per_task=settings["max_train"],
                            max_test_per_task=settings["max_test"])
         if name == "text":
@@ -98,10 +105,23 @@ class Suite:
         self.labels = {t: ds["train"].features["labels"].names for t, ds in suite.items()}
         self.sizes = {t: {sp: len(ds[sp]) for sp in ds} for t, ds in suite.items()}
 
-    def model(self, seed: int):
-        from hf_atm.atm import MultiTaskModel
+    def factory(self, seed: int):
+        """The model factory of `seed` (``hf_atm.atm.heads.shared_heads``): its heads are made by the head
+        protocol on the first call for a seed, which therefore fails there when the protocol does not apply."""
+        from functools import partial
 
-        return MultiTaskModel.from_backbone(self.backbone, self.labels, pooling=self.pooling, seed=seed)
+        from hf_atm.atm import MultiTaskModel
+        from hf_atm.atm.heads import shared_heads
+
+        if seed not in self._factories:
+            make = partial(MultiTaskModel.from_backbone, self.backbone, self.labels, pooling=self.pooling, seed=seed)
+            self._factories[seed] = shared_heads(make, self.head_init, self.data, tokenizer=self.tokenizer,
+                                                 seed=seed)  # fmt: skip
+        return self._factories[seed]
+
+    def model(self, seed: int):
+        """A fresh model for `seed`; every method of a seed gets the same heads (made once by the head protocol)."""
+        return self.factory(seed)()
 
     def args(self, out: Path, seed: int, **kw: Any):
         from hf_atm.atm import ATMConfig
@@ -169,7 +189,8 @@ def run_individual_and_merges(suite: Suite, seed: int, out: Path, budget: int, w
     for method, params in METHODS.items():
         t0 = time.perf_counter()
         m = one_shot_merge(model, ind, args, suite.data, method, scale_grid=grid, seed=seed,
-                           reference_accuracies=ind.test_accuracy, processing_class=suite.tokenizer, **params)
+                           reference_accuracies=ind.reference_accuracies("test"), processing_class=suite.tokenizer,
+                           **params)  # fmt: skip
         res[method] = {"test": m.entries["test"]["accuracy"], "scale": m.scale,
                        "validation_by_scale": {str(k): v for k, v in m.validation_by_scale.items()},
                        "params": params, "seconds": time.perf_counter() - t0}
@@ -220,8 +241,20 @@ def run_suite(name: str, a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     settings = dict(SUITE_SETTINGS[name])
     settings.update({k: v for k, v in (("max_train", a.max_train), ("max_test", a.max_test)) if v})
-    suite = Suite(name, settings)
+    if a.head_init != "random":  # the default protocol leaves the settings (and suite.json) as they were
+        settings["head_init"] = a.head_init
     root = Path(a.work) / name
+    saved = root / "suite.json"
+    if saved.exists():
+        before = json.loads(saved.read_text())["settings"].get("head_init", "random")
+        if before != a.head_init:
+            raise SystemExit(f"--head_init {a.head_init}: {root} holds results of head_init {before}; "
+                             f"give another --work")  # fmt: skip
+    suite = Suite(name, settings)
+    # the head protocol must apply to this suite's backbone (e.g. no zero_shot heads on the ViT, which embeds no
+    # text): build the first seed's heads now, so a protocol that fails does so before suite.json is written and
+    # locks the folder to it (the heads are cached: the runs reuse them).
+    suite.factory(a.seeds[0])
     root.mkdir(parents=True, exist_ok=True)
     write_meta(root / "meta.json", a)
     (root / "suite.json").write_text(json.dumps({"settings": settings, "sizes": suite.sizes,
@@ -525,6 +558,8 @@ def write_report(a: argparse.Namespace) -> Path:
 
 
 def main() -> None:
+    from hf_atm.atm.model import HEAD_INITS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suites", nargs="+", default=["text", "vision"], choices=sorted(SUITE_SETTINGS))
     p.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -539,6 +574,9 @@ def main() -> None:
     p.add_argument("--max-test", type=int, default=None, help="Override the suites' test examples per task.")
     p.add_argument("--notes", default=None, help="A Markdown file (the reading of the numbers) put after the header.")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--head_init", "--head-init", dest="head_init", default="random",
+                   choices=list(HEAD_INITS),
+                   help="How every method's heads start (the same heads for all methods of a seed).")
     a = p.parse_args()
     if any(b < 1 for b in a.budgets):
         p.error("--budgets: every budget must be >= 1 epoch")

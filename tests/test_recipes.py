@@ -30,6 +30,7 @@ def _check_outputs(proc: subprocess.CompletedProcess, out: Path, tasks: set[str]
     assert [r["method"].split(" ")[0] for r in rows] == ["individual", "task", "ATM"]
     for r in rows:
         assert set(r["accuracy"]) == tasks
+        assert r["metric"] == {t: "accuracy" for t in tasks}  # results.json names each task's metric
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
     assert rows[0]["normalized"] == pytest.approx(1.0)
     history = json.loads((out / "history.json").read_text())
@@ -110,3 +111,74 @@ def test_recipe_defaults_give_way_to_the_command_line(monkeypatch, tmp_path):
     assert (args.rounds, args.weight_decay, args.output_dir) == (7, 0.5, str(tmp_path / "out"))  # command line
     assert (args.learning_rate, args.save_total_limit) == (1e-3, 5)  # the recipe's defaults over the shared ones
     assert (args.logging_steps, args.report_to, args.dataloader_num_workers) == (20, [], 0)  # shared defaults
+
+
+def test_reproduce_keeps_one_head_protocol_per_work_folder(tmp_path):
+    """benchmarks/reproduce.py --head_init: results of another head protocol in the work folder are refused
+    (before any data is loaded), so no report mixes protocols; the default protocol leaves suite.json as it was."""
+    import argparse
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "suite.json").write_text(json.dumps({"settings": dict(module.SUITE_SETTINGS["text"])}))
+    a = argparse.Namespace(head_init="zero_shot", work=str(tmp_path), max_train=None, max_test=None,
+                           threads=torch.get_num_threads())  # fmt: skip
+    with pytest.raises(SystemExit, match="holds results of head_init random"):
+        module.run_suite("text", a)
+
+
+def test_reproduce_checks_the_head_protocol_before_writing_suite_json(tmp_path, monkeypatch):
+    """A protocol that does not apply (zero_shot heads on the ViT, which embeds no text) fails before suite.json
+    is written, so the work folder is not locked to a protocol that never ran."""
+    import argparse
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built = []
+
+    class NoTextSuite:  # the real Suite loads data and pre-trains a ViT; only the order is checked here
+        def __init__(self, name, settings):
+            self.sizes, self.labels = {}, {}
+
+        def factory(self, seed):
+            built.append(seed)
+            raise ValueError("head_init 'zero_shot' needs a text encoder")
+
+    monkeypatch.setattr(module, "Suite", NoTextSuite)
+    a = argparse.Namespace(head_init="zero_shot", work=str(tmp_path), max_train=None, max_test=None, seeds=[3],
+                           threads=torch.get_num_threads())  # fmt: skip
+    with pytest.raises(ValueError, match="zero_shot"):
+        module.run_suite("vision", a)
+    assert built == [3]
+    assert not (tmp_path / "vision" / "suite.json").exists()
+
+
+def test_data_caps_zero_means_all_and_freeze_heads_parses_bare(monkeypatch, tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_atm import ATMConfig
+
+    common = _recipes_common(monkeypatch)
+    assert common.data_cap(0) is None and common.data_cap(None) is None and common.data_cap(7) == 7
+    with pytest.raises(ValueError, match="0 for all the data"):
+        common.data_cap(-1)
+    # the recipes' own option types take 0 from the command line
+    spec = importlib.util.spec_from_file_location("atm_vit", ROOT / "recipes" / "atm_vit.py")
+    vit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vit)
+    (script,) = HfArgumentParser(vit.ScriptArguments).parse_args_into_dataclasses(
+        args=["--max_train_per_task", "0", "--max_test_per_task", "0"])
+    assert (script.max_train_per_task, script.max_test_per_task) == (0, 0)
+    # --freeze_heads alone means true; an explicit value still works; unset stays None (the protocol decides)
+    parser = HfArgumentParser(ATMConfig)
+    for flags, expected in (([], None), (["--freeze_heads"], True), (["--freeze_heads", "false"], False),
+                            (["--freeze_heads", "true"], True), (["--freeze_heads", "--rounds", "2"], True)):
+        (args,) = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), *flags])
+        assert args.freeze_heads is expected, flags

@@ -10,10 +10,18 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scripts.atm_data import TASK_LABELS, digits_tasks, tiny_vit
-from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertTokenizer,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    TrainerCallback,
+    TrainingArguments,
+)
 
-from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel
+from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel, train_joint
 from hf_atm.atm.config import (
     ATM_MERGE_METHODS,
     ATM_MERGE_OPTIONS,
@@ -31,7 +39,6 @@ TASKS = ("parity", "high")
 REFUSED = {
     "num_train_epochs": 2.0,
     "max_steps": 1,
-    "label_smoothing_factor": 0.1,
     "remove_unused_columns": False,
     "label_names": ["label_ids"],
     "data_seed": 3,
@@ -163,7 +170,8 @@ def test_best_round_needs_per_round_evaluation_and_saving(tmp_path):
     with pytest.raises(ValueError, match="load_best_model_at_end"):
         ATMConfig(**base_kwargs(tmp_path, load_best_model_at_end=True, eval_strategy="no", save_strategy="no"))
     cfg = ATMConfig(**base_kwargs(tmp_path, load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch"))
-    assert cfg.metric_for_best_model == "eval_mean_accuracy" and cfg.greater_is_better is True
+    # the mean of each task's main metric (eval_mean_accuracy when every task is scored by accuracy, issue 11)
+    assert cfg.metric_for_best_model == "eval_mean_score" and cfg.greater_is_better is True
 
 
 @pytest.mark.parametrize("name,value", [("atm_mode", "pp"), ("atm_parallel_mode", "pipeline"),
@@ -350,3 +358,93 @@ def test_dataloader_worker_options_reach_the_loaders(tmp_path):
     opts = loader_options(args)
     assert opts["num_workers"] == 2 and opts["persistent_workers"] is True
     assert opts["prefetch_factor"] == 3 and opts["multiprocessing_context"] == "spawn"
+
+
+# ------------------------------------------------------------------------------------------- label smoothing
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"good bad movie film the a is was very not plot".split()]
+TEXT_LABELS = {"sent": ["neg", "pos"], "topic": ["movie", "film", "plot"]}
+
+
+@pytest.fixture(scope="module")
+def text_data():
+    """Two tiny text tasks (token ids of the words above; 'sent': whether "good" occurs, 'topic': which of
+    movie / film / plot occurs) and the BERT tokenizer of those words."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
+
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+    rng = np.random.default_rng(0)
+    out = {}
+    for task, names in TEXT_LABELS.items():
+        splits = {}
+        for split, n in (("train", 24), ("validation", 12)):
+            labels = rng.integers(0, len(names), n)
+            texts = []
+            for y in labels:
+                key = ("bad", "good")[y] if task == "sent" else names[y]
+                filler = rng.choice(["the", "a", "is", "was", "very", "not"], rng.integers(1, 5)).tolist()
+                texts.append(" ".join([*filler, key, *filler[:1]]))
+            enc = tok(texts)
+            feats = Features({"input_ids": Sequence(Value("int64")), "attention_mask": Sequence(Value("int64")),
+                              "labels": ClassLabel(names=names)})
+            splits[split] = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                               "labels": labels.tolist()}, features=feats)
+        out[task] = DatasetDict(splits)
+    return out, tok
+
+
+def text_model():
+    torch.manual_seed(0)
+    from transformers import AutoModel
+
+    bert = AutoModel.from_config(BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return MultiTaskModel.from_backbone(bert, TEXT_LABELS, seed=0)
+
+
+def test_label_smoothing_factor_smooths_each_heads_loss(tmp_path, text_data):
+    """label_smoothing_factor (an option Trainer reads next to model.config) is honoured: the ATM run's losses
+    differ from the unsmoothed run's, and the loss of one batch is F.cross_entropy(label_smoothing=eps)."""
+    data, tok = text_data
+    eps = 0.2
+    runs = {}
+    for factor in (0.0, eps):
+        tr = ATMTrainer(model=text_model(), args=make_args(tmp_path / str(factor), steps_per_round=2, rounds=1,
+                                                           label_smoothing_factor=factor),
+                        task_datasets=data, processing_class=tok)
+        assert tr.label_smoother is None  # the model's per-head loss smooths, not Trainer's LabelSmoother
+        tr.train()
+        runs[factor] = tr
+    for t in TEXT_LABELS:
+        assert runs[eps].history[1]["train_loss"][t] != runs[0.0].history[1]["train_loss"][t]
+    tr = runs[eps]
+    model = tr.model.eval()
+    batch = DataCollatorWithPadding(tok)([data["topic"]["train"][i] for i in range(8)])
+    loss = tr.compute_loss(model, {**batch, "task": "topic"})
+    with torch.no_grad():
+        logits = model(task="topic", input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, batch["labels"], label_smoothing=eps))
+    assert not torch.isclose(loss.detach(), F.cross_entropy(logits, batch["labels"]))
+
+
+def test_label_smoothing_in_joint_training_is_finite_and_per_head(tmp_path, text_data):
+    """Joint training's mixed batches: each example is smoothed over its own head's classes (finite), not over
+    the padded logits of the widest head; a label-smoothed joint run trains to finite weights."""
+    data, tok = text_data
+    eps = 0.1
+    args = make_args(tmp_path, steps_per_round=2, rounds=1, label_smoothing_factor=eps)
+    res = train_joint(text_model(), args, data, processing_class=tok)
+    assert all(torch.isfinite(t).all() for t in res.model.backbone_tensors().values())
+    tr = ATMTrainer(model=text_model().eval(), args=args, task_datasets=data, processing_class=tok)
+    rows = [{**data[t]["train"][i], "task_ids": j} for i in range(3) for j, t in enumerate(tr.model.task_names)]
+    batch = DataCollatorWithPadding(tok)(rows)
+    loss = tr.compute_loss(tr.model, dict(batch))
+    assert torch.isfinite(loss)
+    per = []
+    with torch.no_grad():
+        for r in range(len(rows)):
+            task = tr.model.task_names[int(batch["task_ids"][r])]
+            lg = tr.model(task=task, input_ids=batch["input_ids"][r : r + 1],
+                          attention_mask=batch["attention_mask"][r : r + 1]).logits
+            per.append(F.cross_entropy(lg, batch["labels"][r : r + 1], label_smoothing=eps))
+    torch.testing.assert_close(loss.detach(), torch.stack(per).mean(), rtol=1e-5, atol=1e-6)

@@ -6,10 +6,11 @@ Budget rule (``ATM.md``): at a budget of ``B`` epochs, every baseline fine-tunes
 
 * :func:`finetune_individual`: one model per task, each fine-tuned from the same start on its own data only
   (fresh optimizer and schedule over the whole budget, the per-task fine-tuning of ATM's rounds). Gives the
-  task vectors, the fine-tuned heads, and each model's accuracy on its own task (the denominators of
-  normalized accuracy).
+  task vectors, the fine-tuned heads, and each model's accuracy and main score on its own task (the scores are
+  the denominators of normalized scores).
 * :func:`one_shot_merge`: merge those task vectors once with any method; the scale lambda is chosen on the
-  validation split from the same grid for every method (default 0.1, 0.2, ..., 1.0 plus 1/n: fair tuning);
+  validation split (mean main score, :mod:`hf_atm.atm.metrics`) from the same grid for every method (default
+  0.1, 0.2, ..., 1.0 plus 1/n: fair tuning);
   each task keeps its own fine-tuned head.
 * :func:`train_joint`: joint multi-task training: mixed batches drawn from the union of all tasks' training
   data, per-task heads, ``B`` epochs over the union.
@@ -37,6 +38,7 @@ from hf_atm.atm.config import ATMConfig
 from hf_atm.atm.evaluation import mean_accuracy, pairwise_cosine
 from hf_atm.atm.history import HistoryEntry
 from hf_atm.atm.model import MultiTaskModel
+from hf_atm.atm.problems import is_regression
 from hf_atm.atm.rounds import apply_delta_
 from hf_atm.atm.trainer import ATMTrainer
 from hf_atm.atm.tuning import head_state, load_head_
@@ -72,11 +74,14 @@ def _budget_epochs(args: ATMConfig, budget_epochs: float | None) -> float:
     return float(budget_epochs) if budget_epochs is not None else float(args.rounds * args.epochs_per_round)
 
 
-def _entry(trainer: ATMTrainer, acc: Mapping[str, float], split: str, budget: float, method: str,
-           cos: list[list[float]] | None, train_s: float, merge_s: float,
+def _entry(trainer: ATMTrainer, acc_score: tuple[Mapping[str, float], Mapping[str, float]], split: str,
+           budget: float, method: str, cos: list[list[float]] | None, train_s: float, merge_s: float,
            reference: Mapping[str, float] | None) -> dict[str, Any]:
+    """The history-style entry of a baseline from its ``(accuracy, main score)`` per task on `split`."""
+    acc, score = acc_score
     return HistoryEntry.build(budget, acc, tasks=trainer.task_names, split=split, reference=reference, cosine=cos,
-                              train_seconds=train_s, merge_seconds=merge_s, method=method).to_dict()
+                              score=score, metric=trainer.metric_names(), train_seconds=train_s,
+                              merge_seconds=merge_s, method=method).to_dict()
 
 
 def _trainer(model: MultiTaskModel, args: ATMConfig, task_datasets: Mapping[str, Any], **kw: Any) -> ATMTrainer:
@@ -85,8 +90,9 @@ def _trainer(model: MultiTaskModel, args: ATMConfig, task_datasets: Mapping[str,
     return tr
 
 
-def _split_accuracies(tr: ATMTrainer, split: str) -> dict[str, float]:
-    return tr.accuracies({t: tr.task_data[t][split] for t in tr.task_names})
+def _split_scores(tr: ATMTrainer, split: str) -> tuple[dict[str, float], dict[str, float]]:
+    """``(accuracy, main score)`` per task on `split`."""
+    return tr.accuracies_and_scores({t: tr.task_data[t][split] for t in tr.task_names})
 
 
 @dataclass
@@ -100,6 +106,8 @@ class IndividualResult:
         heads: ``{task: {"weight": ..., "bias": ...}}`` each task's fine-tuned head.
         validation_accuracy / test_accuracy: each fine-tuned model on its own task (test: None without a
             test split).
+        validation_score / test_score: the same models' main scores (the task's metric; equal to the
+            accuracies for tasks scored by accuracy).
         entries: ``{"validation": history-style dict, "test": ... }``.
     """
 
@@ -111,10 +119,13 @@ class IndividualResult:
     budget_epochs: float
     train_seconds: float
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validation_score: dict[str, float] = field(default_factory=dict)
+    test_score: dict[str, float] | None = None
 
     def reference_accuracies(self, split: str = "test") -> dict[str, float]:
-        """The normalized-accuracy denominators: each individual model's accuracy on `split`."""
-        acc = self.test_accuracy if split == "test" else self.validation_accuracy
+        """The normalized-score denominators: each individual model's main score on `split` (its accuracy
+        for tasks scored by accuracy; the name predates per-task metrics)."""
+        acc = self.test_score if split == "test" else self.validation_score
         if acc is None:
             raise ValueError(f"no {split!r} accuracies (the tasks have no {split!r} split)")
         return dict(acc)
@@ -140,7 +151,7 @@ def finetune_individual(
     steps = {t: _budget_steps(tr, t, budget_epochs) for t in tr.task_names}
     tr.begin_tuning(sum(steps.values()), 1)
     _train_begin(tr)
-    task_vectors, heads, val_acc, test_acc = {}, {}, {}, {}
+    task_vectors, heads, val_acc, test_acc, val_score, test_score = {}, {}, {}, {}, {}, {}
     train_s = 0.0
     has_test = all("test" in tr.task_data[t] for t in tr.task_names)
     for task in tr.task_names:
@@ -153,9 +164,14 @@ def finetune_individual(
             apply_delta_(tensors, None, run.lora_delta)
         task_vectors[task] = {n: v.cpu() for n, v in run.task_vector.items()}
         heads[task] = run.head_state
-        val_acc[task] = tr.task_accuracy(task, tr.task_data[task][tr.round_split])
+        acc, val_score[task] = tr.task_accuracy_and_score(task, tr.task_data[task][tr.round_split])
+        classification = not is_regression(model.config, task)  # a regression task has no accuracy entry
+        if classification:
+            val_acc[task] = acc
         if has_test:
-            test_acc[task] = tr.task_accuracy(task, tr.task_data[task]["test"])
+            acc, test_score[task] = tr.task_accuracy_and_score(task, tr.task_data[task]["test"])
+            if classification:
+                test_acc[task] = acc
     _train_end(tr)
     apply_delta_(tensors, base, {})
     for task in tr.task_names:
@@ -163,11 +179,13 @@ def finetune_individual(
     cos = pairwise_cosine([task_vectors[t] for t in tr.task_names])
     res = IndividualResult(base=base, task_vectors=task_vectors, heads=heads, validation_accuracy=val_acc,
                            test_accuracy=test_acc if has_test else None, budget_epochs=budget,
-                           train_seconds=train_s)
-    res.entries[tr.round_split] = _entry(tr, val_acc, tr.round_split, budget, "individual", cos, train_s, 0.0,
-                                         None)
+                           train_seconds=train_s, validation_score=val_score,
+                           test_score=test_score if has_test else None)
+    res.entries[tr.round_split] = _entry(tr, (val_acc, val_score), tr.round_split, budget, "individual", cos,
+                                         train_s, 0.0, None)
     if has_test:
-        res.entries["test"] = _entry(tr, test_acc, "test", budget, "individual", cos, train_s, 0.0, None)
+        res.entries["test"] = _entry(tr, (test_acc, test_score), "test", budget, "individual", cos, train_s, 0.0,
+                                     None)
     return res
 
 
@@ -183,7 +201,7 @@ def _train_end(tr: ATMTrainer) -> None:
 @dataclass
 class MergeResult:
     """A baseline's resulting model and its history-style entries (``entries[split]``), plus, for merges,
-    the chosen scale and the mean validation accuracy of every scale tried."""
+    the chosen scale and the mean validation score (main metrics) of every scale tried."""
 
     model: MultiTaskModel
     entries: dict[str, dict[str, Any]]
@@ -208,7 +226,8 @@ def one_shot_merge(
     processing_class: Any | None = None,
 ) -> MergeResult:
     """Merge the individual task vectors once: ``base + lambda * combine(tau_1..tau_n)`` with lambda picked
-    from `scale_grid` (default :func:`default_scale_grid`) by mean accuracy on the validation split
+    from `scale_grid` (default :func:`default_scale_grid`) by the mean main score (the tasks' metrics; mean
+    accuracy when every task is scored by accuracy; a NaN mean never wins) on the validation split
     (``validation_select`` in PH mode); ties keep the smaller scale. Each task keeps its fine-tuned head.
     Returns a new MultiTaskModel (a copy of `model`); `model` is not modified. ``average`` takes no scale
     (grid [1.0]). MergeConfigError for a bad method or option, before any evaluation."""
@@ -243,18 +262,17 @@ def one_shot_merge(
     best, best_acc = None, -math.inf
     for s in grid:
         set_scale(s)
-        acc = _split_accuracies(tr, sel_split)
-        by_scale[float(s)] = mean_accuracy(acc)
-        if by_scale[float(s)] > best_acc + 1e-12 or (best is not None and by_scale[float(s)] == best_acc
-                                                         and s < best):
-            best, best_acc = float(s), by_scale[float(s)]
+        by_scale[float(s)] = mean_accuracy(_split_scores(tr, sel_split)[1])
+        value = by_scale[float(s)] if not math.isnan(by_scale[float(s)]) else -math.inf
+        if best is None or value > best_acc + 1e-12 or (value == best_acc and s < best):
+            best, best_acc = float(s), value
     set_scale(best)
     cos = pairwise_cosine([individual.task_vectors[t] for t in tasks])
     budget = individual.budget_epochs
     entries = {}
     for split in (sel_split, "test"):
         if all(split in tr.task_data[t] for t in tasks):
-            entries[split] = _entry(tr, _split_accuracies(tr, split), split, budget, method, cos,
+            entries[split] = _entry(tr, _split_scores(tr, split), split, budget, method, cos,
                                     individual.train_seconds, merge_s, reference_accuracies)
     for e in entries.values():
         e["scale"] = best
@@ -278,9 +296,12 @@ def train_joint(
     tr = _trainer(model, args, task_datasets, data_collator=data_collator, processing_class=processing_class)
     names = model.task_names
     parts = []
+    # one label type for the union: class ids, or float32 for all when a task is a regression (class ids are
+    # exact in float32; the model's cross entropy takes them back as ids)
+    kind = "float32" if any(is_regression(model.config, t) for t in tr.task_names) else "int64"
     for t in tr.task_names:
         ds = tr.task_data[t][tr.train_split].with_format(None)
-        ds = ds.cast_column("labels", Value("int64"))
+        ds = ds.cast_column("labels", Value(kind))
         parts.append(ds.add_column("task_ids", [names.index(t)] * len(ds)))
     union = concatenate_datasets(parts)
     if tr.task_data[tr.task_names[0]][tr.train_split].format["type"] == "torch":
@@ -300,6 +321,6 @@ def train_joint(
     entries = {}
     for split in (tr.round_split, "test"):
         if all(split in tr.task_data[t] for t in tr.task_names):
-            entries[split] = _entry(tr, _split_accuracies(tr, split), split, budget, "joint", None,
+            entries[split] = _entry(tr, _split_scores(tr, split), split, budget, "joint", None,
                                     run.train_seconds, 0.0, reference_accuracies)
     return MergeResult(model=model, entries=entries)

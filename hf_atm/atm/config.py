@@ -27,6 +27,7 @@ from transformers import TrainingArguments
 
 from hf_atm.atm.collector import ACCUMULATE_DTYPES, MERGE_DEVICES
 from hf_atm.atm.exchange import PARALLEL_MODES
+from hf_atm.atm.metrics import SHIPPED_METRICS, parse_task_metrics
 from hf_atm.atm.rounds import default_merge_scale
 from hf_atm.errors import MergeConfigError
 from hf_atm.merging.registry import METHODS, OPTIONS, RESCALES, get_method
@@ -139,8 +140,8 @@ TRAINING_ARGUMENTS_CONTRACT: dict[str, str] = {
     "adam_beta2": _H + "of every per-task Adam-type optimizer",
     "adam_epsilon": _H + "of every per-task Adam-type optimizer",
     "max_grad_norm": _H + "gradient clipping at each per-task optimizer step",
-    "label_smoothing_factor": _R + "Trainer's label smoother reads the model's config, and MultiTaskModel (backbone "
-    "+ heads) has none; the heads' cross-entropy is unsmoothed",
+    "label_smoothing_factor": _H + "each head's cross entropy is label-smoothed by that factor over its own classes "
+    "(also in joint training's mixed batches), by the model's loss instead of Trainer's LabelSmoother",
     "average_tokens_across_devices": _I + "ATM's loss is each batch's mean cross-entropy (the classification "
     "heads take no token count), so there is no token count to average",
     # -- precision, memory, speed
@@ -159,8 +160,8 @@ TRAINING_ARGUMENTS_CONTRACT: dict[str, str] = {
     "torch_compile_mode": _R + "implies torch_compile: " + _TASK_LOOP + ", which no compiler wraps",
     "use_liger_kernel": _R + "Liger kernels patch known architectures; ATM's MultiTaskModel is not one of them",
     "liger_kernel_config": _R + "Liger kernels patch known architectures; ATM's MultiTaskModel is not one of them",
-    "use_cache": _I + "Trainer sets model.config.use_cache only on a model with a config, and MultiTaskModel "
-    "(backbone + classification heads) has none and generates nothing",
+    "use_cache": _I + "Trainer sets model.config.use_cache; MultiTaskModel (backbone + classification heads) "
+    "generates nothing, so no key/value cache is built whatever its value",
     "neftune_noise_alpha": _R + "NEFTune noises the embeddings of instruction tuning inside Trainer's own loop; "
     "ATM fine-tunes classification heads",
     "torch_empty_cache_steps": _H + "Trainer.training_step clears the device cache every that many steps",
@@ -218,8 +219,10 @@ TRAINING_ARGUMENTS_CONTRACT: dict[str, str] = {
     # -- best round
     "load_best_model_at_end": _H + "in PA as in PH the model after train() is the best round (round 0 included, "
     "earliest on ties) by metric_for_best_model; needs eval_strategy = save_strategy = 'epoch'",
-    "metric_for_best_model": _H + "a per-round metric (eval_mean_accuracy when unset, eval_<task>_accuracy, "
-    "normalized accuracies, compute_metrics keys; the 'eval_' prefix optional); PH's round selection uses it too",
+    "metric_for_best_model": _H + "a per-round metric (when unset: eval_mean_score, the mean of each task's main "
+    "metric (task_metrics), which is eval_mean_accuracy when every task is scored by accuracy; or "
+    "eval_<task>_accuracy, eval_<task>_<metric>, normalized scores, compute_metrics keys; the 'eval_' prefix "
+    "optional); PH's round selection uses it too",
     "greater_is_better": _H + "direction of metric_for_best_model (default: True unless the name ends in 'loss')",
     # -- resuming, determinism, devices, distribution
     "ignore_data_skip": _I + "ATM resumes at round boundaries: there are no batches to skip",
@@ -394,7 +397,23 @@ class ATMConfig(TrainingArguments):
             "False, each task keeps one optimizer and one schedule over all rounds (more memory)."
         },
     )
-    freeze_heads: bool = field(default=False, metadata={"help": "Do not train the task heads."})
+    # HfArgumentParser gives `bool | None` fields a required value: nargs / const make the bare flag true (its
+    # type is string_to_bool already, so `--freeze_heads false` still parses).
+    freeze_heads: bool | None = field(
+        default=None,
+        metadata={
+            "nargs": "?",
+            "const": True,
+            "help": "Do not train the task heads. Default (unset): heads are frozen unless the model's "
+            "head_init is 'random' (zero-shot, linear-probe and prototype heads stay as built); "
+            "true / false force it (a bare --freeze_heads means true)."
+        },
+    )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of trainable heads (their own optimizer param group). Default: "
+                  "learning_rate."},
+    )
     ph_select_fraction: float = field(
         default=0.2,
         metadata={
@@ -420,15 +439,28 @@ class ATMConfig(TrainingArguments):
             "help": "Record the pairwise cosine similarity of each round's task vectors in the history."
         },
     )
+    task_metrics: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Main metric per task, scoring its evaluations, the history, round selection and cards: "
+            f"one of {', '.join(SHIPPED_METRICS)} or the path of an evaluate metric module; as "
+            "'task=metric,task=metric' or a JSON object. Tasks not named: the model's config.task_metrics, "
+            "else accuracy."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Checked before TrainingArguments normalises the values (torch_compile_backend implies torch_compile,
         # load_best_model_at_end implies metric_for_best_model="loss"...), so the option the user set is named.
         self._check_atm_choices()
         self._check_training_arguments()
+        self.task_metrics = parse_task_metrics(self.task_metrics)  # HfAtmError naming the option and value
         if self.load_best_model_at_end and self.metric_for_best_model is None:
-            # ATM's rounds compute accuracies, not an evaluation loss (transformers' default metric).
-            self.metric_for_best_model = "eval_mean_accuracy"
+            # ATM's rounds compute scores, not an evaluation loss (transformers' default metric): the mean of
+            # each task's main metric, which is eval_mean_accuracy when every task is scored by accuracy. Set
+            # here (not decided in the trainer) so that EarlyStoppingCallback compares what rounds are
+            # selected by.
+            self.metric_for_best_model = "eval_mean_score"
         super().__post_init__()
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
@@ -438,6 +470,8 @@ class ATMConfig(TrainingArguments):
             )
         if not 0.0 < self.ph_select_fraction < 1.0:
             raise ValueError(f"ph_select_fraction must be in (0, 1), got {self.ph_select_fraction!r}")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(f"head_learning_rate must be > 0 when given, got {self.head_learning_rate!r}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.lora_r > 0 and self.lora_alpha <= 0:

@@ -1,4 +1,5 @@
-"""Metrics of ATM runs: accuracy, normalized accuracy, pairwise cosine similarity of task vectors.
+"""Metrics of ATM runs: each task's outputs and main metric (:mod:`hf_atm.atm.metrics`), accuracy, normalized
+scores, pairwise cosine similarity of task vectors.
 
 Task vectors are dicts ``{tensor name: tensor}``; their cosine similarity is that of the vectors flattened
 over all tensors, computed from per-tensor dot products (a Gram matrix accumulated tensor by tensor), so the
@@ -10,18 +11,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from hf_atm.atm.metrics import TaskMetric
+
 __all__ = [
+    "TaskOutputs",
     "accumulate_gram",
+    "collect_outputs",
     "cosine_from_gram",
-    "count_correct",
     "mean_accuracy",
     "mean_off_diagonal",
+    "needs_predictions",
     "normalized_accuracy",
     "pairwise_cosine",
+    "task_values",
 ]
 
 
@@ -68,16 +75,19 @@ def mean_off_diagonal(cos: Sequence[Sequence[float]] | None) -> float | None:
 
 
 def mean_accuracy(acc: Mapping[str, float]) -> float:
-    """Unweighted mean over tasks (NaN for no tasks)."""
+    """Unweighted mean over tasks (NaN for no tasks): of accuracies, of main scores, of normalized scores.
+    A NaN task (e.g. a normalized score against a reference that is not > 0) makes the mean NaN: the one
+    definition history entries, cards and result tables share, so no mean is silently over fewer tasks."""
     return float(sum(acc.values()) / len(acc)) if acc else math.nan
 
 
 def normalized_accuracy(
     acc: Mapping[str, float], reference: Mapping[str, float] | None
 ) -> dict[str, float] | None:
-    """``acc[t] / reference[t]`` per task: the accuracy of the merged model relative to the model fine-tuned
-    on task t alone. None when no reference is given. A task missing from `reference` raises KeyError;
-    a reference of 0 raises ValueError."""
+    """``acc[t] / reference[t]`` per task: the score (accuracy, or the task's main metric) of the merged model
+    relative to the model fine-tuned on task t alone. None when no reference is given. A task missing from
+    `reference` raises KeyError; a reference that is not > 0 (a correlation no better than chance) gives NaN
+    for that task, since a ratio to it means nothing."""
     if reference is None:
         return None
     out = {}
@@ -85,29 +95,57 @@ def normalized_accuracy(
         if t not in reference:
             raise KeyError(f"reference_accuracies has no entry for task {t!r}")
         r = float(reference[t])
-        if r <= 0:
-            raise ValueError(f"reference accuracy of task {t!r} must be > 0, got {r}")
-        out[t] = float(a) / r
+        out[t] = float(a) / r if r > 0 else math.nan
     return out
 
 
+@dataclass
+class TaskOutputs:
+    """What one task's head made of an evaluation split.
+
+    Attributes:
+        correct / total: predictions equal to their label, and examples.
+        predictions / labels: the argmax class ids and the labels (CPU, int64), when kept; for a regression
+            task the head's one logit and the float targets (CPU, float32).
+        logits: the logits (CPU, float32), when kept.
+        regression: the task is a regression (then ``correct`` is 0 and :attr:`accuracy` NaN).
+    """
+
+    correct: int
+    total: int
+    predictions: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    regression: bool = False
+
+    @property
+    def accuracy(self) -> float:
+        """``correct / total`` (NaN for no examples and for a regression task, which has no accuracy)."""
+        return self.correct / self.total if self.total and not self.regression else math.nan
+
+
 @torch.no_grad()
-def count_correct(
+def collect_outputs(
     model: Any,
     task: str,
     batches: Iterable[dict[str, Any]],
     prepare: Callable[[dict[str, Any]], dict[str, Any]],
     autocast: Callable[[], AbstractContextManager],
+    keep_predictions: bool = False,
     keep_logits: bool = False,
-) -> tuple[int, int, torch.Tensor | None, torch.Tensor | None]:
-    """``(correct, total, logits, labels)`` of `task`'s head over `batches` (each with a ``labels``
-    entry), with `model` in eval mode (its mode restored after). `prepare` moves a batch to the device,
-    `autocast` gives the precision context. Logits and labels (concatenated, on CPU) only when
-    `keep_logits`, else None."""
+    regression: bool = False,
+) -> TaskOutputs:
+    """The :class:`TaskOutputs` of `task`'s head over `batches` (each with a ``labels`` entry), with `model`
+    in eval mode (its mode restored after). `prepare` moves a batch to the device, `autocast` gives the
+    precision context. Predictions and labels are kept with `keep_predictions` (or `keep_logits`), logits with
+    `keep_logits`; kept tensors stay on the device until the end (no host sync per batch). For a
+    `regression` task the predictions are the head's one logit (float32) and nothing is counted correct."""
     was_training = model.training
     model.eval()
     correct = None
     total = 0
+    keep_predictions = keep_predictions or keep_logits
+    preds_all: list[torch.Tensor] = []
     logits_all: list[torch.Tensor] = []
     labels_all: list[torch.Tensor] = []
     try:
@@ -116,15 +154,44 @@ def count_correct(
             labels = batch.pop("labels")
             with autocast():
                 logits = model(task=task, **batch).logits
-            hits = (logits.argmax(-1) == labels).sum()
-            correct = hits if correct is None else correct + hits
+            if regression:
+                preds, labels = logits[:, 0].float(), labels.float()
+            else:
+                preds = logits.argmax(-1)
+                hits = (preds == labels).sum()
+                correct = hits if correct is None else correct + hits
             total += int(labels.shape[0])
+            if keep_predictions:
+                preds_all.append(preds.detach())
+                labels_all.append(labels.detach())
             if keep_logits:
-                logits_all.append(logits.detach().float().cpu())
-                labels_all.append(labels.detach().cpu())
+                logits_all.append(logits.detach().float())
     finally:
         model.train(was_training)
-    n_correct = int(correct.item()) if correct is not None else 0
-    if not keep_logits:
-        return n_correct, total, None, None
-    return n_correct, total, torch.cat(logits_all), torch.cat(labels_all)
+    out = TaskOutputs(int(correct.item()) if correct is not None else 0, total, regression=regression)
+    if keep_predictions:
+        empty = torch.float32 if regression else torch.long
+        out.predictions = torch.cat(preds_all).cpu() if preds_all else torch.zeros(0, dtype=empty)
+        out.labels = torch.cat(labels_all).cpu() if labels_all else torch.zeros(0, dtype=empty)
+    if keep_logits:
+        out.logits = torch.cat(logits_all).cpu() if logits_all else None
+    return out
+
+
+def needs_predictions(metric: TaskMetric) -> bool:
+    """Whether `metric` is computed from the predictions (every metric but the shipped accuracy, which is
+    the count of :func:`collect_outputs`)."""
+    return not (metric.shipped and metric.name == "accuracy")
+
+
+def task_values(metric: TaskMetric, outputs: TaskOutputs) -> dict[str, float]:
+    """`metric`'s values on a task's outputs (``{metric.main_key: score, ...}``): the counted accuracy for the
+    shipped accuracy (the module's value, without loading ``evaluate``), else the module's results on the
+    kept predictions and labels. NaN scores for no examples."""
+    if not needs_predictions(metric):
+        return {metric.main_key: outputs.accuracy}
+    if outputs.predictions is None or outputs.labels is None:
+        raise ValueError(f"metric {metric.name!r} needs the predictions: collect them with keep_predictions=True")
+    if outputs.total == 0:
+        return {metric.main_key: math.nan}
+    return metric.compute(outputs.predictions.numpy(), outputs.labels.numpy())

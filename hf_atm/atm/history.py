@@ -4,8 +4,13 @@
 Every writer of ``history.json`` (ATMTrainer, the baselines, the federated server) fills a HistoryEntry
 and stores ``entry.to_dict()``: histories stay JSON-shaped lists of dicts with the same keys as before.
 
-Plots: ``accuracy.png`` (accuracy of each task and the mean against the round), ``cosine.png`` (heatmap of
-the last round's pairwise cosine similarity of task vectors, and the mean off-diagonal cosine per round).
+Each entry holds every task's accuracy and its main score (``score``, by the metric named in ``metric``:
+accuracy unless the task was given another, see :mod:`hf_atm.atm.metrics`); normalized scores are main scores
+over the reference's (the field keeps its older name ``normalized_accuracy``).
+
+Plots: ``accuracy.png`` (the main score of each task and their mean against the round, the metric named on the
+axis; the file keeps its older name), ``cosine.png`` (heatmap of the last round's pairwise cosine similarity of
+task vectors, and the mean off-diagonal cosine per round).
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import torch
 from hf_atm.atm.evaluation import cosine_from_gram, mean_accuracy, mean_off_diagonal, normalized_accuracy
 from hf_atm.files import atomic_write_bytes, atomic_write_json
 
-__all__ = ["HISTORY_FILE", "HistoryEntry", "load_history", "plot_history", "write_history"]
+__all__ = [
+    "HISTORY_FILE",
+    "HistoryEntry",
+    "load_history",
+    "main_scores",
+    "mean_score",
+    "plot_history",
+    "write_history",
+]
 
 HISTORY_FILE = "history.json"
 ACCURACY_PLOT = "accuracy.png"
@@ -33,6 +46,8 @@ COSINE_PLOT = "cosine.png"
 
 #: fields written only when set: the baselines' and the federated server's additions to a round's entry.
 _OPTIONAL = (
+    # per-task metrics (absent from histories written before them and from the federated server's)
+    "metric", "score", "mean_score",
     # baselines
     "method", "scale", "validation_by_scale",
     # federated server
@@ -49,12 +64,17 @@ class HistoryEntry:
         round: the round index (a float budget for baselines).
         accuracy: ``{task: accuracy}`` on `split`.
         mean_accuracy: the unweighted mean of `accuracy`.
-        normalized_accuracy / mean_normalized_accuracy: accuracy over the reference accuracies (None
-            without references).
+        normalized_accuracy / mean_normalized_accuracy: each task's main score over its reference score (the
+            individually fine-tuned model's; None without references). With accuracy everywhere: accuracy
+            over the reference accuracy.
         cosine / mean_cosine: pairwise cosine of the round's task vectors and its mean off-diagonal entry
             (None when not recorded).
         tasks: the tasks, in the order of `cosine`'s rows.
         split: the split the accuracies were measured on.
+        metric: ``{task: main metric name}`` (``accuracy``, ``matthews_correlation``...).
+        score: ``{task: main score}``, by `metric` (equal to `accuracy` for tasks scored by accuracy).
+        mean_score: the unweighted mean of `score`: what rounds are selected by, unless
+            ``metric_for_best_model`` says otherwise.
         train_seconds / merge_seconds / setup_seconds / eval_seconds: the round's time by kind.
         train_loss: ``{task: mean training loss}`` of the round (None for round 0).
         steps: optimizer steps of the round (all tasks).
@@ -73,6 +93,9 @@ class HistoryEntry:
     mean_cosine: float | None
     tasks: list[str]
     split: str
+    metric: dict[str, str] | None = None
+    score: dict[str, float] | None = None
+    mean_score: float | None = None
     train_seconds: float = 0.0
     merge_seconds: float = 0.0
     setup_seconds: float = 0.0
@@ -107,18 +130,24 @@ class HistoryEntry:
         reference: Mapping[str, float] | None = None,
         gram: torch.Tensor | None = None,
         cosine: list[list[float]] | None = None,
+        score: Mapping[str, float] | None = None,
+        metric: Mapping[str, str] | None = None,
         **fields: Any,
     ) -> HistoryEntry:
-        """An entry whose derived fields are computed here: the mean accuracy, the normalized accuracies
-        against `reference` (and their mean), the cosine matrix from `gram` (or `cosine` as given) and its
-        mean off-diagonal entry. `fields` sets any other attribute (timings, train_loss, steps, extras)."""
+        """An entry whose derived fields are computed here: the mean accuracy, the main scores (`score`;
+        default: the accuracies, with `metric` ``accuracy`` for every task) and their mean, the normalized
+        scores against `reference` (and their mean), the cosine matrix from `gram` (or `cosine` as given) and
+        its mean off-diagonal entry. `fields` sets any other attribute (timings, train_loss, steps, extras)."""
         acc = dict(accuracy)
-        norm = normalized_accuracy(acc, reference)
+        main = dict(score) if score is not None else dict(acc)
+        names = dict(metric) if metric is not None else {t: "accuracy" for t in main}
+        norm = normalized_accuracy(main, reference)
         cos = cosine_from_gram(gram) if gram is not None else cosine
         fields.setdefault("mean_cosine", mean_off_diagonal(cos))
         return cls(round=round, accuracy=acc, mean_accuracy=mean_accuracy(acc), normalized_accuracy=norm,
                    mean_normalized_accuracy=mean_accuracy(norm) if norm is not None else None, cosine=cos,
-                   tasks=list(tasks), split=split, **fields)
+                   tasks=list(tasks), split=split, metric=names, score=main, mean_score=mean_accuracy(main),
+                   **fields)
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as stored in ``history`` lists and ``history.json`` (optional fields only when set)."""
@@ -142,6 +171,28 @@ class HistoryEntry:
         return cls(**kw)
 
 
+def main_scores(entry: HistoryEntry | Mapping[str, Any]) -> dict[str, float]:
+    """``{task: main score}`` of a history entry: its ``score``, or its ``accuracy`` for entries written
+    before per-task metrics (and the federated server's) -- chosen by whether the key is there, never by its
+    values. A task's None (``history.json`` stores NaN as null) reads as NaN."""
+    d = _as_dict(entry)
+    scores = d["score"] if d.get("score") is not None else d["accuracy"]
+    return {t: _float(v) for t, v in scores.items()}
+
+
+def mean_score(entry: HistoryEntry | Mapping[str, Any]) -> float:
+    """The mean main score of a history entry: its ``mean_score``, or its ``mean_accuracy`` for entries written
+    before per-task metrics (and the federated server's) -- chosen by whether the key is there: an entry with
+    per-task metrics whose mean is NaN (null in ``history.json``) gives NaN, never its mean accuracy."""
+    d = _as_dict(entry)
+    return _float(d["mean_score"] if "mean_score" in d else d["mean_accuracy"])
+
+
+def _float(value: float | None) -> float:
+    """A stored score as a float: None (a NaN written as null) -> NaN."""
+    return math.nan if value is None else float(value)
+
+
 def _as_dict(entry: HistoryEntry | Mapping[str, Any]) -> dict[str, Any]:
     return entry.to_dict() if isinstance(entry, HistoryEntry) else dict(entry)
 
@@ -160,7 +211,8 @@ def load_history(folder_or_file: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_history(history: Sequence[HistoryEntry | Mapping[str, Any]], folder: str | os.PathLike) -> list[Path]:
-    """Write ``accuracy.png`` and, when some round has cosines, ``cosine.png`` into `folder`; return the paths."""
+    """Write ``accuracy.png`` (main scores) and, when some round has cosines, ``cosine.png`` into `folder`;
+    return the paths."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -175,14 +227,21 @@ def plot_history(history: Sequence[HistoryEntry | Mapping[str, Any]], folder: st
     rounds = [h["round"] for h in history]
     tasks = list(history[-1].get("tasks") or history[-1]["accuracy"])
 
+    names = history[-1].get("metric") or {t: "accuracy" for t in tasks}
+    kinds = sorted({names.get(t, "accuracy") for t in tasks})
+    one = kinds[0] if len(kinds) == 1 else None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lowest = 0.0
     for t in tasks:
-        ax.plot(rounds, [h["accuracy"].get(t, math.nan) for h in history], marker="o", ms=3, label=t)
-    ax.plot(rounds, [h["mean_accuracy"] for h in history], color="black", lw=2.2, label="mean")
+        ys = [main_scores(h).get(t, math.nan) for h in history]
+        lowest = min([lowest, *(y for y in ys if math.isfinite(y))])
+        ax.plot(rounds, ys, marker="o", ms=3, label=t if one else f"{t} ({names.get(t, 'accuracy')})")
+    mean = [mean_score(h) for h in history]  # NaN means stay NaN: never accuracy under the "mean score" label
+    ax.plot(rounds, mean, color="black", lw=2.2, label="mean" if one else "mean score")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"accuracy ({history[-1].get('split', 'validation')})")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"{one or 'main score'} ({history[-1].get('split', 'validation')})")
+    ax.set_ylim(-1.02 if lowest < 0 else 0, 1.02)  # correlations (MCC, Pearson) go down to -1
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

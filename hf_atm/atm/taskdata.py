@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from hf_atm.atm.model import MultiTaskModel
+from hf_atm.atm.problems import is_regression
 from hf_atm.errors import TaskDataError
 
 __all__ = ["input_columns", "prepare_split", "prepare_task_data"]
@@ -29,7 +30,8 @@ def input_columns(model: MultiTaskModel) -> set[str]:
 def prepare_split(ds: Any, task: str, split: str, model: MultiTaskModel, torch_format: bool,
                   require_labels: bool = True) -> Any:
     """`ds` (split `split` of `task`) with its label column named ``labels``, only the backbone's input
-    columns kept, labels checked against the model's head (TaskDataError naming task and split); in torch
+    columns kept, labels checked against the model's head (class ids; finite floats for a regression task;
+    TaskDataError naming task and split); in torch
     format when `torch_format`. Without `require_labels` a split with no label column is accepted (inputs
     only, for prediction)."""
     cols = list(ds.column_names)
@@ -40,7 +42,28 @@ def prepare_split(ds: Any, task: str, split: str, model: MultiTaskModel, torch_f
         if require_labels:
             raise TaskDataError(f"task {task!r}, split {split!r}: no 'labels' or 'label' column (columns: {cols})")
         return _select_inputs(ds, task, split, model, [], torch_format)
-    names = model.tasks[task]
+    if is_regression(model.config, task):
+        _check_regression_labels(ds, task, split, label_col)
+    else:
+        _check_class_ids(ds, task, split, label_col, model.tasks[task])
+    if label_col == "label":
+        ds = ds.rename_column("label", "labels")
+    return _select_inputs(ds, task, split, model, ["labels"], torch_format)
+
+
+def _check_regression_labels(ds: Any, task: str, split: str, label_col: str) -> None:
+    """TaskDataError naming task and split unless `label_col` holds finite real numbers (a float column)."""
+    labels = np.asarray(ds[label_col])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.floating):
+        raise TaskDataError(f"task {task!r}, split {split!r}: regression task: column {label_col!r} must hold "
+                            f"float targets, got {ds.features.get(label_col)}")
+    if not np.isfinite(labels).all():
+        raise TaskDataError(f"task {task!r}, split {split!r}: regression targets in {label_col!r} must be finite "
+                            f"({int((~np.isfinite(labels)).sum())} are not)")
+
+
+def _check_class_ids(ds: Any, task: str, split: str, label_col: str, names: list[str]) -> None:
+    """TaskDataError naming task and split unless `label_col` holds class ids of the head's `names`."""
     feature = ds.features.get(label_col)
     if getattr(feature, "names", None) is not None and list(feature.names) != names:
         raise TaskDataError(
@@ -55,9 +78,6 @@ def prepare_split(ds: Any, task: str, split: str, model: MultiTaskModel, torch_f
             f"task {task!r}, split {split!r}: labels outside 0..{len(names) - 1} "
             f"(min {int(labels.min())}, max {int(labels.max())})"
         )
-    if label_col == "label":
-        ds = ds.rename_column("label", "labels")
-    return _select_inputs(ds, task, split, model, ["labels"], torch_format)
 
 
 def _select_inputs(ds: Any, task: str, split: str, model: MultiTaskModel, extra: list[str],

@@ -13,8 +13,9 @@ Modes:
 * ``ph`` (post-hoc refinement of an already merged model): each task's ``validation`` split is divided
   deterministically (``Dataset.train_test_split(test_size=ph_select_fraction, seed=args.seed)``) into a tuning
   part (``validation_tune``) that the rounds train on and a selection part (``validation_select``) that
-  scores every round, round 0 (the starting merge) included; the best round by mean selection accuracy
-  (earliest on ties; ``metric_for_best_model`` when set) is the result. The selection part is never trained
+  scores every round, round 0 (the starting merge) included; the best round by mean selection score (each
+  task's main metric, ``ATMConfig.task_metrics``: accuracy by default; earliest on ties; ``metric_for_best_model``
+  when set) is the result. The selection part is never trained
   on, so the choice is honest; ``test`` stays untouched for the final report.
 
 A round is ATM's evaluation and save unit: each round is evaluated (``on_evaluate``, the history) and, unless
@@ -29,7 +30,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,17 @@ from hf_atm.atm.distributed import (
     round_spec,
     warn_if_unused_gpus,
 )
-from hf_atm.atm.evaluation import count_correct, mean_accuracy, normalized_accuracy
+from hf_atm.atm.evaluation import (
+    collect_outputs,
+    mean_accuracy,
+    needs_predictions,
+    normalized_accuracy,
+    task_values,
+)
 from hf_atm.atm.history import HistoryEntry, plot_history, write_history
+from hf_atm.atm.metrics import TaskMetric, task_metrics_for
 from hf_atm.atm.model import MultiTaskModel
+from hf_atm.atm.problems import is_regression
 from hf_atm.atm.rounds import apply_delta_, merge_threads, model_snapshot, restore_snapshot_, reusable_buffer
 from hf_atm.atm.taskdata import input_columns, prepare_split, prepare_task_data
 from hf_atm.atm.tuning import TaskTuning, check_lora_targets, loader_options
@@ -97,8 +106,8 @@ class ATMTrainer(TaskTuning, Trainer):
         processing_class: tokenizer / image processor, saved with the model.
         callbacks: TrainerCallbacks (``on_step_*`` per optimizer step of a task, ``on_epoch_*`` and
             ``on_evaluate`` per round, ``on_save`` per round checkpoint, ``on_log`` for logs).
-        reference_accuracies: ``{task: accuracy of the model fine-tuned on that task alone}`` for
-            normalized accuracy.
+        reference_accuracies: ``{task: main score (accuracy, or the task's metric) of the model fine-tuned
+            on that task alone}`` for normalized scores (``*_normalized_accuracy``: score / reference).
         optimizer_cls_and_kwargs: as in Trainer (used for every per-task optimizer).
         compute_metrics: as in Trainer: ``fn(EvalPrediction) -> dict``, called per task on that task's
             examples at every evaluation; keys reported as ``eval_<task>_<key>`` and ``eval_mean_<key>``.
@@ -142,8 +151,9 @@ class ATMTrainer(TaskTuning, Trainer):
         )
         tasks = sorted(data)
         spec = args.merge_spec(len(tasks))
+        metrics = task_metrics_for(args, model)  # every task's main metric, refused before any training
         if reference_accuracies is not None:
-            normalized_accuracy({t: 1.0 for t in tasks}, reference_accuracies)  # KeyError / ValueError early
+            normalized_accuracy({t: 1.0 for t in tasks}, reference_accuracies)  # KeyError early
         round_split = "validation" if args.atm_mode == "pa" else "validation_select"
         super().__init__(
             model=model,
@@ -157,9 +167,15 @@ class ATMTrainer(TaskTuning, Trainer):
             compute_metrics=compute_metrics,
         )
         check_sharding_supported(self.is_fsdp_enabled, self.is_deepspeed_enabled)
+        # label_smoothing_factor goes into the model's own per-head cross entropy (compute_loss): Trainer's
+        # LabelSmoother would smooth the padded logits of mixed batches over the widest head's classes.
+        self.label_smoother = None
         self.task_names: list[str] = tasks
         self.task_data = data
         self.merge_spec_ = spec
+        #: ``{task: TaskMetric}``: the main metric of every task of the model (``ATMConfig.task_metrics``, then
+        #: the model's ``config.task_metrics``, else accuracy).
+        self.task_metrics: dict[str, TaskMetric] = metrics
         self.reference_accuracies = dict(reference_accuracies) if reference_accuracies is not None else None
         self.exchange = TaskExchange(tasks, parallel_mode=args.atm_parallel_mode)
         warn_if_unused_gpus(self.exchange, args.device)
@@ -198,52 +214,102 @@ class ATMTrainer(TaskTuning, Trainer):
             inputs = {**inputs, "task": self._active_task}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """The per-task loss (:meth:`TaskTuning.compute_loss`) with ``args.label_smoothing_factor`` passed to
+        the model's cross entropy (each head smoothed over its own classes, also in mixed batches)."""
+        if self.args.label_smoothing_factor and "labels" in inputs:
+            inputs = {**inputs, "label_smoothing": float(self.args.label_smoothing_factor)}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
     # -- evaluation ---------------------------------------------------------------------------------------
     def _eval_batches(self, ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=self.args.per_device_eval_batch_size, sampler=SequentialSampler(ds),
                           collate_fn=self.data_collator, **loader_options(self.args))
 
-    def _evaluate_task(self, task: str, ds: Any) -> tuple[int, int, dict[str, float]]:
-        """``(correct, total, compute_metrics' values)`` of `task` on `ds`, on this process."""
+    def _evaluate_task(self, task: str, ds: Any) -> tuple[int, int, dict[str, float], dict[str, float]]:
+        """``(correct, total, main metric's values, compute_metrics' values)`` of `task` on `ds`, on this
+        process."""
+        metric = self.task_metrics[task]
         keep = self.compute_metrics is not None
-        c, n, logits, labels = count_correct(self.model, task, self._eval_batches(ds), self._prepare_inputs,
-                                             self.autocast_smart_context_manager, keep_logits=keep)
+        out = collect_outputs(self.model, task, self._eval_batches(ds), self._prepare_inputs,
+                              self.autocast_smart_context_manager, keep_predictions=needs_predictions(metric),
+                              keep_logits=keep, regression=is_regression(self.model.config, task))
         extra = {}
         if keep:
-            extra = dict(self.compute_metrics(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy())))
-        return c, n, extra
+            extra = dict(self.compute_metrics(EvalPrediction(predictions=out.logits.numpy(),
+                                                             label_ids=out.labels.numpy())))
+        return out.correct, out.total, task_values(metric, out), extra
 
     def task_accuracy(self, task: str, dataset: Any) -> float:
         """Accuracy of `task`'s head on `dataset` (prepared task data), computed on this process only."""
-        c, n, _ = self._evaluate_task(task, dataset)
-        return c / n if n else math.nan
+        return self.task_accuracy_and_score(task, dataset)[0]
 
-    def _evaluate_all(self, datasets: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """Accuracy per task of `datasets` and compute_metrics' values per task; each process evaluates
-        its own tasks (``exchange.my_eval_tasks()``), the results are combined over processes."""
+    def task_accuracy_and_score(self, task: str, dataset: Any) -> tuple[float, float]:
+        """``(accuracy, main score)`` of `task`'s head on `dataset` (prepared task data; the main score by
+        :attr:`task_metrics`), from one evaluation on this process only; the accuracy is NaN for a regression
+        task."""
+        c, n, values, _ = self._evaluate_task(task, dataset)
+        acc = c / n if n and not is_regression(self.model.config, task) else math.nan
+        return acc, self.task_metrics[task].score(values)
+
+    def _evaluate_all(self, datasets: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]],
+                                                                   dict[str, dict[str, float]]]:
+        """``(accuracy, main metric's values, compute_metrics' values)`` per task of `datasets`; each process
+        evaluates its own tasks (``exchange.my_eval_tasks()``), the results are combined over processes
+        (accuracy from the summed counts, other metrics computed on the task's process and gathered). Regression
+        tasks have no accuracy: they are left out of the first dict (so ``mean_accuracy`` is over the
+        classification tasks) and scored by their main metric only."""
         names = [t for t in self.task_names if t in datasets] + sorted(set(datasets) - set(self.task_names))
         counts = torch.zeros(len(names), 2, dtype=torch.float64)
         mine = set(self.exchange.my_eval_tasks()) if self.exchange.distributed else set(names)
         extras: dict[str, dict[str, float]] = {}
+        values: dict[str, dict[str, float]] = {}
         for j, t in enumerate(names):
             if t in mine or (t not in self.task_names and self.exchange.rank == 0):
-                c, n, extras[t] = self._evaluate_task(t, datasets[t])
+                c, n, values[t], extras[t] = self._evaluate_task(t, datasets[t])
                 counts[j, 0], counts[j, 1] = c, n
         counts = self.exchange.all_reduce_sum(counts)
         if self.compute_metrics is not None:
             extras = self.exchange.merge_dicts(extras)
+        computed = [t for t in names if needs_predictions(self.task_metrics[t])]  # the same on every process
+        if computed:
+            values = self.exchange.merge_dicts({t: v for t, v in values.items() if t in computed})
         acc = {t: float(counts[j, 0] / counts[j, 1]) if counts[j, 1] > 0 else math.nan for j, t in enumerate(names)}
-        return acc, {t: extras.get(t, {}) for t in names}
+        values = {t: values[t] if t in computed else {self.task_metrics[t].main_key: acc[t]} for t in names}
+        acc = {t: a for t, a in acc.items() if not is_regression(self.model.config, t)}
+        return acc, values, {t: extras.get(t, {}) for t in names}
 
     def accuracies(self, datasets: Mapping[str, Any]) -> dict[str, float]:
         """Accuracy per task of ``{task: dataset}`` (prepared task data); every process gets all of them."""
         return self._evaluate_all(datasets)[0]
 
-    def _metrics(self, acc: Mapping[str, float], extras: Mapping[str, Mapping[str, Any]],
-                 prefix: str) -> dict[str, float]:
+    def accuracies_and_scores(self, datasets: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """``(accuracy per task, main score per task)`` of ``{task: dataset}`` (prepared task data; main scores
+        by :attr:`task_metrics`), from one evaluation; every process gets all of them."""
+        acc, values, _ = self._evaluate_all(datasets)
+        return acc, self._scores(values)
+
+    def _scores(self, values: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        return {t: self.task_metrics[t].score(v) for t, v in values.items()}
+
+    def metric_names(self, tasks: Sequence[str] | None = None) -> dict[str, str]:
+        """``{task: main metric name}`` of `tasks` (default: the trainer's tasks)."""
+        return {t: self.task_metrics[t].name for t in (self.task_names if tasks is None else tasks)}
+
+    def _metrics(self, acc: Mapping[str, float], values: Mapping[str, Mapping[str, float]],
+                 extras: Mapping[str, Mapping[str, Any]], prefix: str) -> dict[str, float]:
         m = {f"{prefix}_{t}_accuracy": a for t, a in acc.items()}
         m[f"{prefix}_mean_accuracy"] = mean_accuracy(acc)
-        norm = normalized_accuracy(acc, self.reference_accuracies)
+        for k in sorted({k for v in values.values() for k in v} - {"accuracy"}):
+            vals = {t: v[k] for t, v in values.items() if k in v}
+            m.update({f"{prefix}_{t}_{k}": x for t, x in vals.items()})
+            if len(vals) == len(values):
+                m[f"{prefix}_mean_{k}"] = mean_accuracy(vals)
+        score = self._scores(values)
+        m[f"{prefix}_mean_score"] = mean_accuracy(score)
+        norm = normalized_accuracy(score, self.reference_accuracies)  # main score / the reference's
         if norm is not None:
             m.update({f"{prefix}_{t}_normalized_accuracy": v for t, v in norm.items()})
             m[f"{prefix}_mean_normalized_accuracy"] = mean_accuracy(norm)
@@ -278,16 +344,20 @@ class ATMTrainer(TaskTuning, Trainer):
         metric_key_prefix: str = "eval",
         split: str | None = None,
     ) -> dict[str, float]:
-        """Accuracy of the current model per task, with Trainer's key convention:
-        ``{"<prefix>_<task>_accuracy", "<prefix>_mean_accuracy"}`` plus normalized accuracies when
-        reference accuracies were given and compute_metrics' keys. `eval_dataset` is ``{task: Dataset}``;
+        """Accuracy and main score of the current model per task, with Trainer's key convention:
+        ``{"<prefix>_<task>_accuracy", "<prefix>_mean_accuracy"}``, ``"<prefix>_<task>_<metric>"`` for tasks
+        scored by another metric (:attr:`task_metrics`; ``"<prefix>_mean_<metric>"`` when every task has it),
+        ``"<prefix>_mean_score"`` (the mean main score, over every task), normalized scores when reference
+        scores were given (regression tasks have no ``_accuracy`` key: ``_mean_accuracy`` is over the
+        classification tasks, NaN when there are none),
+        and compute_metrics' keys. `eval_dataset` is ``{task: Dataset}``;
         otherwise `split` of every task (default: the per-round split, ``validation`` for PA,
         ``validation_select`` for PH; also ``test``, ``train``, ``validation``, ``validation_tune``). Logged
         and passed to ``on_evaluate``."""
         t0 = time.perf_counter()
         datasets = self._task_datasets(eval_dataset, split)
-        acc, extras = self._evaluate_all(datasets)
-        metrics = self._metrics(acc, extras, metric_key_prefix)
+        acc, values, extras = self._evaluate_all(datasets)
+        metrics = self._metrics(acc, values, extras, metric_key_prefix)
         if split == "test" and eval_dataset is None:
             self.test_metrics = dict(metrics)
         self.timing["eval"] += time.perf_counter() - t0
@@ -386,7 +456,7 @@ class ATMTrainer(TaskTuning, Trainer):
         """The metric key rounds are compared by and whether greater is better."""
         name = self.args.metric_for_best_model
         if not name or (name == "loss" and not self.args.load_best_model_at_end):
-            return "eval_mean_accuracy", True
+            return "eval_mean_score", True  # the mean main score (= eval_mean_accuracy when all use accuracy)
         key = name if name.startswith("eval_") else f"eval_{name}"
         greater = self.args.greater_is_better
         return key, (not key.endswith("loss")) if greater is None else bool(greater)
@@ -395,7 +465,7 @@ class ATMTrainer(TaskTuning, Trainer):
         """Update the best round with `entry` (PH / load_best_model_at_end: by the best-model metric,
         earliest on ties; PA otherwise: the latest round) and ``state.best_metric``."""
         if not self.selects_best_round:
-            self._best_score, self.best_round = entry["mean_accuracy"], entry["round"]
+            self._best_score, self.best_round = entry["mean_score"], entry["round"]
             return
         key, greater = self._best_metric()
         if key not in metrics:
@@ -403,18 +473,20 @@ class ATMTrainer(TaskTuning, Trainer):
                            f"round metrics {sorted(metrics)}")
         score = float(metrics[key])
         best = self._best_score
-        if best is None or (score > best if greater else score < best):
+        # a NaN score (a correlation of constant predictions) never wins; any number beats a NaN best
+        if best is None or (math.isnan(best) and not math.isnan(score)) or (score > best if greater else score < best):
             self._best_score, self.best_round = score, entry["round"]
             self._best_state = model_snapshot(self.model)
             self.state.best_metric = score
             self.state.best_global_step = self.state.global_step
 
-    def _record(self, entry: dict[str, Any], extras: Mapping[str, Mapping[str, Any]]) -> None:
+    def _record(self, entry: dict[str, Any], values: Mapping[str, Mapping[str, float]],
+                extras: Mapping[str, Mapping[str, Any]]) -> None:
         """Append a history entry, log it, report it to ``on_evaluate``, track the best round and write
         ``history.json``."""
         self.history.append(entry)
         logs: dict[str, float] = {"round": float(entry["round"])}
-        logs.update(self._metrics(entry["accuracy"], extras, "eval"))
+        logs.update(self._metrics(entry["accuracy"], values, extras, "eval"))
         if entry["mean_cosine"] is not None:
             logs["mean_cosine"] = entry["mean_cosine"]
         if entry["train_loss"] is not None:
@@ -433,17 +505,18 @@ class ATMTrainer(TaskTuning, Trainer):
 
     def _evaluate_round(self, k: int, stats: Mapping[str, Any] | None) -> None:
         te = time.perf_counter()
-        acc, extras = self._evaluate_all({t: self.task_data[t][self.round_split] for t in self.task_names})
+        acc, values, extras = self._evaluate_all({t: self.task_data[t][self.round_split] for t in self.task_names})
         eval_s = time.perf_counter() - te
         self.timing["eval"] += eval_s
         timing = {key: stats[key] for key in ("train_seconds", "merge_seconds", "setup_seconds")} if stats else {}
         entry = HistoryEntry.build(
             k, acc, tasks=self.task_names, split=self.round_split, reference=self.reference_accuracies,
+            score=self._scores(values), metric=self.metric_names(),
             gram=stats["gram"] if stats else None, eval_seconds=eval_s,
             train_loss=dict(stats["train_loss"]) if stats else None, steps=stats["steps"] if stats else 0,
             **timing,
         )
-        self._record(entry.to_dict(), extras)
+        self._record(entry.to_dict(), values, extras)
 
     # -- train --------------------------------------------------------------------------------------------
     def train(
@@ -607,7 +680,10 @@ class ATMTrainer(TaskTuning, Trainer):
 
     # -- saving / hub -------------------------------------------------------------------------------------
     def run_summary(self) -> RunSummary:
-        """What the model card says about this run (its tasks, history, selected round, test metrics)."""
+        """What the model card says about this run (its tasks, history, selected round, test metrics, and the
+        Hub datasets the tasks' test splits came from)."""
+        from hf_atm.data.hub import hub_dataset_sources
+
         selection = None
         if self.args.atm_mode == "ph":
             selection = "held-out validation"
@@ -615,14 +691,24 @@ class ATMTrainer(TaskTuning, Trainer):
             selection = self.round_split
         return RunSummary.of_run(self.args, self.model, tasks=self.task_names, history=self.history,
                                  best_round=self.best_round, test_metrics=self.test_metrics, selection=selection,
-                                 reference_accuracies=self.reference_accuracies)
+                                 reference_accuracies=self.reference_accuracies,
+                                 datasets=hub_dataset_sources(self.task_data), task_metrics=self.metric_names(),
+                                 processor_saved=self.processing_class is not None)
 
     def _write_model_folder(self, folder: Path) -> None:
-        self.model.write_files(folder, self.processing_class)
+        """The saved folder: model files whose ``config.task_metrics`` are the run's metrics by name (the
+        caller's model keeps its own config), history, plots, card, ``atm_config.json``."""
+        config, kept = self.model.config, self.model.config.task_metrics
+        config.task_metrics = self.metric_names()  # names only: a metric module's path is never saved
+        try:
+            self.model.write_files(folder, self.processing_class)
+        finally:
+            config.task_metrics = kept
         write_history(self.history, folder)
         plot_history(self.history, folder)
         atm_model_card(self.run_summary()).save(str(folder / "README.md"))
-        atomic_write_json(folder / "atm_config.json", atm_options_record(self.args), indent=2)
+        record = atm_options_record(self.args, self.model, task_metrics=self.metric_names())
+        atomic_write_json(folder / "atm_config.json", record, indent=2)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the MultiTaskModel (backbone, heads, tokenizer / processor), ``history.json``, plots, a model

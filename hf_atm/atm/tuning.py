@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import set_seed
 
+from hf_atm.atm.heads import prepare_heads_
 from hf_atm.atm.rounds import merge_threads
 from hf_atm.atm.rounds import task_vector as compute_task_vector
 from hf_atm.errors import CheckpointError, TaskDataError
@@ -39,6 +40,7 @@ __all__ = [
     "TuningResult",
     "activation_checkpointing",
     "check_lora_targets",
+    "head_param_groups_",
     "head_state",
     "inject_lora",
     "kept_requires_grad",
@@ -156,6 +158,25 @@ def load_head_(model: Any, task: str, state: Mapping[str, torch.Tensor]) -> None
     """Copy `state` (``{"weight", "bias"}``) into `task`'s head, in place."""
     for k, p in model.heads[task].state_dict(keep_vars=True).items():
         p.data.copy_(state[k])
+
+
+def head_param_groups_(optimizer: Any, head_params: Iterable[nn.Parameter], lr: float) -> None:
+    """Move `head_params` out of every param group of `optimizer` (before its first step) into a group of their
+    own with the same options and learning rate `lr` (``head_learning_rate``): weight-decayed and not decayed
+    head parameters stay apart, as Trainer grouped them."""
+    if not isinstance(getattr(optimizer, "param_groups", None), list):
+        raise ValueError("head_learning_rate needs an optimizer with param groups, got "
+                         f"{type(optimizer).__name__}")
+    ids = {id(p) for p in head_params}
+    groups: list[dict[str, Any]] = []
+    for group in optimizer.param_groups:
+        rest = [p for p in group["params"] if id(p) not in ids]
+        heads = [p for p in group["params"] if id(p) in ids]
+        if rest:
+            groups.append({**group, "params": rest})
+        if heads:
+            groups.append({**group, "params": heads, "lr": lr})
+    optimizer.param_groups[:] = groups
 
 
 @contextmanager
@@ -318,6 +339,15 @@ class TaskTuning:
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
+    def create_optimizer(self, model: nn.Module | None = None) -> Any:
+        """Trainer's optimizer over `model`'s trainable parameters; with ``args.head_learning_rate`` the task
+        heads' parameters get param groups of their own at that learning rate (:func:`head_param_groups_`)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.args.head_learning_rate is not None:
+            head_param_groups_(optimizer, self.model.heads.parameters(), self.args.head_learning_rate)
+        return optimizer
+
     # -- one fine-tuning --------------------------------------------------------------------------------
     def _optimizer_for(self, view: nn.Module, key: str | None, schedule_steps: int) -> None:
         """Set ``self.optimizer`` / ``self.lr_scheduler``: the carried pair of `key` if there is one, else a
@@ -351,7 +381,8 @@ class TaskTuning:
         schedule_steps: int | None = None,
         task_vector: bool = True,
     ) -> TuningResult:
-        """From the current weights, fine-tune the backbone and `task`'s head for `steps` optimizer steps.
+        """From the current weights, fine-tune the backbone and `task`'s head for `steps` optimizer steps (the
+        head only when :func:`~hf_atm.atm.heads.heads_trainable`: by default, heads made by ``head_init="random"``).
 
         Args:
             task: the task (its head trains, its examples routed to it); None: mixed batches carrying
@@ -393,9 +424,8 @@ class TaskTuning:
             set_seed(seed)
             peft_model = inject_lora(model.backbone, args.lora_r, args.lora_alpha,
                                      args.lora_target_modules) if lora else None
-            if args.freeze_heads:
-                model.heads.requires_grad_(False)
-            view = tuning_view(model, task, train_heads=not args.freeze_heads)
+            train_heads = prepare_heads_(args, model, task)  # frozen, or trainable when asked
+            view = tuning_view(model, task, train_heads=train_heads)
             self._optimizer_for(view, (task or "joint") if carry else None, schedule_steps)
             # data_parallel: the loader yields global batches, each rank trains on its share (shard_batch)
             batch_size = self.exchange.global_batch_size(args.per_device_train_batch_size)

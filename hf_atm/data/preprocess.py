@@ -15,7 +15,7 @@ import numpy as np
 
 from hf_atm.errors import TaskDataError
 
-__all__ = ["pixelize_suite", "tokenize_suite"]
+__all__ = ["pixelize_suite", "process_images_suite", "tokenize_suite"]
 
 _TEXT_COLUMNS = ("text", "text_pair")
 
@@ -155,6 +155,42 @@ def pixelize_suite(
             convert, batched=True, batch_size=batch_size, remove_columns=ds.column_names, features=features,
             desc=f"pixelize {where}",
         )  # fmt: skip
+        out.set_format("torch")
+        return out
+
+    return _apply(suite, one)
+
+
+def process_images_suite(suite: Any, image_processor: Any, batch_size: int = 64) -> Any:
+    """``pixel_values`` made by a checkpoint's own `image_processor` + ``labels``.
+
+    For the backbones that ship one (``preprocessor_config.json``; ``AutoImageProcessor.from_pretrained``), e.g.
+    ``CLIPImageProcessor``: shortest side resized, centre crop, rescaled, normalized with the checkpoint's own
+    mean / std, exactly as the checkpoint was trained. Each image is converted to RGB first (gray MNIST digits
+    are repeated over the three channels). Stored as float32 arrays (about 0.6 MB per 224 x 224 image).
+    """
+    import datasets
+
+    def one(ds: Any, where: str) -> Any:
+        feature = _label_feature(ds, where)
+        if "image" not in ds.column_names:
+            raise TaskDataError(f"{where}: no 'image' column to convert (columns: {ds.column_names})")
+
+        def rgb(images: Sequence[Any]) -> list[Any]:
+            from PIL import Image
+
+            return [(img if hasattr(img, "convert") else Image.fromarray(np.asarray(img, dtype=np.uint8)))
+                    .convert("RGB") for img in images]  # fmt: skip
+
+        shape = image_processor(images=rgb([ds[0]["image"]]), return_tensors="np")["pixel_values"].shape[1:]
+        features = datasets.Features({"pixel_values": datasets.Array3D(tuple(shape), "float32"), "labels": feature})
+
+        def convert(batch: dict[str, list]) -> dict[str, Any]:
+            values = image_processor(images=rgb(batch["image"]), return_tensors="np")["pixel_values"]
+            return {"pixel_values": values.astype(np.float32), "labels": batch["label"]}
+
+        out = ds.map(convert, batched=True, batch_size=batch_size, remove_columns=ds.column_names,
+                     features=features, desc=f"process images {where}")  # fmt: skip
         out.set_format("torch")
         return out
 

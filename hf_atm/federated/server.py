@@ -1,8 +1,8 @@
 """The ServerApp of federated ATM: build the model, run the rounds, write ATMTrainer's outputs.
 
 It runs :class:`~hf_atm.federated.strategy.ATMStrategy` over the Grid and writes into ``output_dir``: ``history.json``, ``accuracy.png`` /
-``cosine.png``, a Hub-ready model folder (backbone loadable by ``AutoModel``, ``heads.safetensors``,
-``multitask_config.json``, tokenizer, ``README.md`` model card, ``atm_config.json``) plus
+``cosine.png``, a Hub-ready model folder (the MultiTaskModel as transformers saves it: ``config.json`` and
+``model.safetensors`` with backbone and heads; tokenizer, ``README.md`` model card, ``atm_config.json``) plus
 ``federated_config.json``, and the ``checkpoint-round-*`` folders a restarted server resumes from.
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from hf_atm.hub.resolve import is_local_reference, split_revision
+from hf_atm.hub.resolve import is_local_reference, snapshot_repo_id, split_revision
 
 __all__ = ["architectures_of", "auto_class_for", "hub_repo_id", "merge_model_card"]
 
@@ -67,11 +67,8 @@ def hub_repo_id(ref: str, resolved: str | Path | None = None) -> str | None:
     `resolved` is the folder the reference resolved to, used to recognise cache snapshots.
     """
     for candidate in (resolved, ref if is_local_reference(ref) else None):
-        if candidate is None:
-            continue
-        p = Path(candidate)
-        if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
-            return p.parent.parent.name[len("models--"):].replace("--", "/")
+        if candidate is not None and (repo_id := snapshot_repo_id(candidate)):
+            return repo_id
     if is_local_reference(ref):
         return None
     repo_id, _ = split_revision(str(ref))

@@ -84,6 +84,48 @@ def is_local_reference(ref: str | os.PathLike) -> bool:
     return Path(ref).expanduser().exists()
 
 
+def snapshot_repo_id(path: str | os.PathLike) -> str | None:
+    """``"org/name"`` when `path` is a Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``),
+    else None."""
+    p = Path(path)
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name[len("models--"):].replace("--", "/")
+    return None
+
+
+def hub_id_of(ref_or_model: object) -> str | None:
+    """The Hub repo id (``org/name``, no revision) a backbone reference or model names; None for a local folder,
+    a malformed or missing reference. The one rule of the run cards and the export cards (``base_model``).
+
+    A string is a reference: a path (one that exists, is absolute, or starts with ``.``) names a repo only when
+    it is a Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``); anything else counts when
+    it has the shape ``org/name[@rev]`` (a bare ``name`` may be a local folder's name and is not claimed). Any
+    other object is a model: its first known reference decides, ``backbone_source`` (in memory: a Hub id or an
+    absolute folder), then a string ``base_model``, then ``backbone.config._name_or_path``.
+    """
+    if ref_or_model is None:
+        return None
+    if not isinstance(ref_or_model, (str, os.PathLike)):
+        legacy = getattr(ref_or_model, "base_model", None)  # PreTrainedModel's is a module: strings only
+        backbone_config = getattr(getattr(ref_or_model, "backbone", None), "config", None)
+        for ref in (getattr(ref_or_model, "backbone_source", None), legacy if isinstance(legacy, str) else None,
+                    getattr(backbone_config, "_name_or_path", None)):
+            if isinstance(ref, (str, os.PathLike)) and os.fspath(ref):
+                return hub_id_of(ref)
+        return None
+    ref = os.fspath(ref_or_model)
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    if path.exists() or path.is_absolute() or ref.startswith("."):
+        return snapshot_repo_id(path.resolve() if path.exists() else path)
+    try:
+        repo_id = split_revision(ref)[0]
+    except HubError:  # "org/name@": malformed, no Hub id
+        return None
+    return repo_id if "/" in repo_id and is_repo_id(repo_id) else None
+
+
 def resolve_model(
     ref: str | os.PathLike,
     *,
