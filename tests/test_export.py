@@ -203,6 +203,19 @@ def test_vit_export_is_a_native_image_classifier_with_the_same_logits(tmp_path, 
     _no_absolute_paths(out, tmp_path)
 
 
+def test_export_without_a_processor_claims_no_pipeline_and_shows_the_model_call(tmp_path, vit_model):
+    model, processor = vit_model
+    out = export_task(model, "shape", tmp_path / "shape")  # e.g. the embedded suite: pixels made by hand
+    meta = _card_metadata(out)
+    assert meta["library_name"] == "transformers" and "pipeline_tag" not in meta
+    card = (out / "README.md").read_text()
+    assert "AutoModelForImageClassification.from_pretrained" in card and 'pipeline("' not in card
+    loaded = AutoModelForImageClassification.from_pretrained(out).eval()  # what the card's snippet does
+    pixels = processor(_images(), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(task="shape", pixel_values=pixels).logits)
+
+
 def test_mean_pooled_vit_exports_as_the_package_class(tmp_path, vit_model):
     model, processor = vit_model
     model = MultiTaskModel.from_backbone(model.backbone, {"shape": ["round", "square", "star"]}, pooling="mean")

@@ -370,8 +370,15 @@ def _use_snippet(written: _Written, labels: Sequence[str]) -> list[str]:
                 f'classifier = pipeline("{written.pipeline}", {where})',
                 f"classifier(image, candidate_labels={list(labels)!r},",
                 f"           hypothesis_template={written.templates[0]!r})"]
+    register = [] if written.native else [REGISTER_LINE]
+    if not written.processor:
+        # no tokenizer / image processor in the folder: pipeline() cannot load, so show the model on its inputs
+        return [*register, f"from transformers import {written.auto_class}",
+                f"model = {written.auto_class}.from_pretrained({where[len('model='):]})",
+                "logits = model(**inputs).logits  # inputs prepared as for training (no processor was saved)",
+                "label = model.config.id2label[int(logits[0].argmax())]"]
     arg = "image" if written.pipeline == "image-classification" else '"some text"'
-    return [*([] if written.native else [REGISTER_LINE]), "from transformers import pipeline",
+    return [*register, "from transformers import pipeline",
             f'classifier = pipeline("{written.pipeline}", {where})', f"classifier({arg})"]
 
 
@@ -404,7 +411,7 @@ def _card_text(model: Any, task: str, written: _Written) -> str:
     repo_ids = list(dict.fromkeys(r for r in (backbone_repo, clip_repo) if r))
     data = ModelCardData(library_name="transformers" if written.native else "hf_atm", base_model=repo_ids or None,
                          tags=["hf_atm", "atm", "multi-task"])
-    if written.native:
+    if written.native and written.processor:  # a pipeline_tag only where pipeline() loads the folder as it is
         data["pipeline_tag"] = written.pipeline
     head_init = _config_value(model, "head_init")
     lines = [
@@ -419,8 +426,9 @@ def _card_text(model: Any, task: str, written: _Written) -> str:
     if written.model_class == "CLIPModel":
         lines += _clip_lines(written, clip_repo)
     if not written.processor:
-        lines += ["The pipeline's tokenizer / image processor was not saved with this model: add it (its "
-                  "`save_pretrained` into this folder) before using the pipeline.", ""]
+        lines += ["No tokenizer / image processor was saved with this model, so `pipeline()` cannot load it as it "
+                  "is: call the model on inputs prepared as for training (below), or save the processor into this "
+                  "folder (its `save_pretrained`) to use a pipeline.", ""]
     if not written.native:
         lines += [f"The model class is the package's own, registered with `{written.auto_class}`: install hf_atm "
                   f"and run `{REGISTER_LINE.split('  #')[0]}` before loading it.", ""]
