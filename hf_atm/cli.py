@@ -198,8 +198,6 @@ def add_export_parser(sub: Any) -> None:
 
 def run_export_command(args: argparse.Namespace) -> int:
     """Run ``hf-atm export``: load RUN_DIR, export the task, print a one-line summary, push when asked."""
-    from transformers import AutoConfig
-
     from hf_atm.atm.export import (
         EXPORT_FORMATS,
         check_output,
@@ -207,8 +205,7 @@ def run_export_command(args: argparse.Namespace) -> int:
         export_task,
         load_processing_class,
     )
-    from hf_atm.atm.model import MultiTaskConfig, MultiTaskModel
-    from hf_atm.errors import CheckpointError
+    from hf_atm.atm.model import MultiTaskModel, saved_tasks
     from hf_atm.hub.push import push_from_args
     from hf_atm.hub.resolve import resolve_model
 
@@ -216,16 +213,9 @@ def run_export_command(args: argparse.Namespace) -> int:
         raise _UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {args.format!r}")
     folder = resolve_model(args.run_dir)
     # The task and the output are checked from config.json, before any weights load.
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{args.run_dir} is not a saved multi-task model: {e}") from e
-    if not isinstance(config, MultiTaskConfig):
-        raise CheckpointError(f"{args.run_dir} is not a saved multi-task model (its config.json has model_type "
-                              f"{getattr(config, 'model_type', None)!r})")
-    check_task(config.tasks, args.task)
+    check_task(saved_tasks(folder), args.task)
     check_output(args.output, args.overwrite)
-    model = MultiTaskModel.from_pretrained(folder, config=config)
+    model = MultiTaskModel.from_pretrained(folder)
     out = export_task(model, args.task, args.output, processing_class=load_processing_class(folder),
                       overwrite=args.overwrite, format=args.format, clip_source=args.clip_source)
     # the class written (a CLIP task under --format auto may have fallen back to the package's class)

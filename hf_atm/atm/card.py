@@ -33,6 +33,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from hf_atm.atm.evaluation import mean_accuracy
 from hf_atm.atm.metrics import load_task_metric
 from hf_atm.errors import HfAtmError
 from hf_atm.hub.resolve import hub_id_of
@@ -318,9 +319,9 @@ def _table(tasks: list[str], metrics: Mapping[str, str], values: Mapping[str, fl
         rows.append(row)
     if all(t in values for t in tasks):
         row = f"| **mean** | {'accuracy' if set(metrics.values()) == {'accuracy'} else 'mean score'} | " \
-              f"**{sum(values[t] for t in tasks) / len(tasks):.4f}** |"
+              f"**{mean_accuracy({t: values[t] for t in tasks}):.4f}** |"
         if norm:
-            row += f" **{sum(norm.get(t, float('nan')) for t in tasks) / len(tasks):.4f}** |"
+            row += f" **{mean_accuracy({t: norm.get(t, float('nan')) for t in tasks}):.4f}** |"
         rows.append(row)
     return "\n".join(rows)
 

@@ -65,7 +65,7 @@ from hf_atm.errors import CheckpointError, TaskDataError
 from hf_atm.files import atomic_write_dir
 
 __all__ = ["HEAD_INITS", "LEGACY_FILES", "MODEL_TYPE", "POOLINGS", "MultiTaskConfig", "MultiTaskModel",
-           "resolve_reference"]
+           "resolve_reference", "saved_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,7 @@ class MultiTaskModel(PreTrainedModel):
             labels, where = source.tasks, "the source model"
         else:
             folder = Path(source)
-            labels = _saved_tasks(folder)
+            labels = saved_tasks(folder)
             state = {k[len("heads."):]: v for k, v in read_tensors(folder, "heads.").items()}
             where = str(folder)
         for t in names:
@@ -710,7 +710,7 @@ class MultiTaskModel(PreTrainedModel):
         ``from_pretrained`` (its checkpoint key conversions apply); CheckpointError naming the folder when the
         weights do not fit this backbone."""
         folder = Path(folder)
-        _saved_tasks(folder)  # a saved multi-task model (the earlier format is refused, naming the folder)
+        saved_tasks(folder)  # a saved multi-task model (the earlier format is refused, naming the folder)
         loaded = self._load(folder, None, next(self.backbone.parameters()).dtype)
         try:
             self.backbone.load_state_dict(loaded.backbone.state_dict(), strict=True)
@@ -751,8 +751,10 @@ def _refuse_legacy(folder: Path) -> None:
         )
 
 
-def _saved_tasks(folder: Path) -> dict[str, list[str]]:
-    """The tasks and labels saved in `folder`'s config.json (CheckpointError naming the folder otherwise)."""
+def saved_tasks(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """The tasks and labels of the multi-task model saved in local `folder`, from its config.json alone (no
+    weights read); CheckpointError naming the folder otherwise (the earlier format named as such)."""
+    folder = Path(folder)
     if not _is_multitask_folder(folder):
         _refuse_legacy(folder)
         raise CheckpointError(f"{folder} holds no saved multi-task model (config.json with model_type {MODEL_TYPE})")
