@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pooling", default="mean", choices=["cls", "mean", "pooler"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs-per-round", type=float, default=1.0)
+    p.add_argument("--steps-per-round", type=int, default=-1, help="optimizer steps per task per round (> 0 "
+                   "overrides --epochs-per-round)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +68,7 @@ def build_config(a: argparse.Namespace):
         tasks=[t for t in a.tasks.split(",") if t] if a.tasks else None,
         data_kwargs={"max_train_per_task": a.max_train, "max_test_per_task": a.max_test, "max_length": a.max_length},
         train_args={"learning_rate": a.lr, "per_device_train_batch_size": a.batch_size, "per_device_eval_batch_size": 128,
-                    "epochs_per_round": a.epochs_per_round, "seed": a.seed, "weight_decay": 0.01, "max_grad_norm": 1.0,
+                    "epochs_per_round": a.epochs_per_round, "steps_per_round": a.steps_per_round, "seed": a.seed, "weight_decay": 0.01, "max_grad_norm": 1.0,
                     "merge_method": a.merge_method},
         weighting=a.weighting, min_clients=a.min_clients, round_timeout=a.round_timeout, uplink=a.uplink,
         downlink=a.downlink, error_feedback=a.error_feedback, secure_aggregation=a.secure_aggregation,

@@ -1,5 +1,5 @@
-"""Fault injection for the federated ATM tests: a Flower ClientApp mod that makes one task's node raise, or hang,
-in the train step of a round.
+"""Fault injection for the federated ATM tests: a Flower ClientApp mod that makes one task's node raise, hang or
+die in the train step of a round.
 
 Used through the ClientApp's public ``mods=`` hook (``make_client_app(cfg, mods=[TrainFault("parity", 2)])``,
 ``run_flower_simulation(cfg, client_mods=[...])``); it reads only the train message's public content. Under
@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from flwr.app import Context, Message, MessageType
 
 from hf_atm.federated.protocol import FITINS_CONFIG, REC_CONFIG
+from hf_atm.federated.simulation import NodeKilled
 
-FAULT_MODES = ("raise", "hang")
+FAULT_MODES = ("raise", "hang", "die", "die-sending")
 
 
 @dataclass(frozen=True)
 class TrainFault:
-    """The node of `task` raises (``mode="raise"``) or sleeps `seconds` before training (``"hang"``) in the
-    train step of `round` (0: every round). A dataclass, so Flower's simulation engine can ship it to its
-    actors by reference."""
+    """The node of `task` raises (``mode="raise"``), sleeps `seconds` before training (``"hang"``), dies on
+    receiving the train message (``"die"``) or dies while sending its reply after training (``"die-sending"``:
+    the reply never completes; its pull blocks `seconds`) in the train step of `round` (0: every round). The
+    two ``die`` modes raise :class:`hf_atm.federated.simulation.NodeKilled`, which ``LocalGrid`` turns into a
+    dead node. A dataclass, so Flower's simulation engine can ship it to its actors by reference."""
 
     task: str
     round: int = 0
@@ -44,6 +47,11 @@ class TrainFault:
                 if self.round in (0, round_idx):
                     if self.mode == "hang":
                         time.sleep(self.seconds)
+                    elif self.mode == "die":
+                        raise NodeKilled(sending=False)
+                    elif self.mode == "die-sending":
+                        call_next(msg, ctx)  # trained (state updated); the reply is lost on the way
+                        raise NodeKilled(sending=True, seconds=self.seconds)
                     else:
                         raise RuntimeError(f"injected fault: task {self.task!r} fails in round {round_idx}")
         return call_next(msg, ctx)

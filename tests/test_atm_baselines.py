@@ -160,3 +160,15 @@ def test_baselines_leave_the_callers_requires_grad_flags(tmp_path, data):
     train_joint(model, args, data)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(torch.equal(heads0[k], v) for k, v in model.heads_state_dict().items())  # heads were frozen
+
+
+def test_baselines_refuse_fsdp(tmp_path, data):
+    """The baselines read whole backbone tensors, which FSDP would shard: each refuses an FSDP config by name
+    before it trains anything (ATMTrainer runs FSDP; the baselines do not)."""
+    model = make_model()
+    args = sgd_args(tmp_path, rounds=1, atm_parallel_mode="data_parallel", fsdp=True)
+    # one_shot_merge refuses before it reads the individual results (None here: the refusal comes first)
+    for run in (lambda: finetune_individual(model, args, data), lambda: train_joint(model, args, data),
+                lambda: one_shot_merge(model, None, args, data)):
+        with pytest.raises(ValueError, match=r"baselines .* do not run with FSDP"):
+            run()

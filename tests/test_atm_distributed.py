@@ -2,6 +2,7 @@
 (data_parallel), task vectors exchanged (all-reduce / all_gather) with bounded memory, heads broadcast, and
 the result equal to a single-process run."""
 
+import importlib
 import json
 import os
 import socket
@@ -27,6 +28,8 @@ from hf_atm.atm.distributed import (
     warn_if_unused_gpus,
 )
 from hf_atm.atm.evaluation import accumulate_gram, pairwise_cosine
+from hf_atm.atm.sharding import check_weights_fit
+from hf_atm.errors import CheckpointError
 from hf_atm.merging.registry import METHODS
 from hf_atm.merging.spec import MergeSpec, merge_deltas, needs_all_task_vectors
 
@@ -235,12 +238,24 @@ def test_single_process_with_several_gpus_says_so(monkeypatch):
         warn_if_unused_gpus(local_exchange(["a"]), "cpu")
 
 
-def test_sharded_replicas_are_refused_naming_the_option():
-    check_sharding_supported(False, False)
-    with pytest.raises(ValueError, match="FSDP.*atm_parallel_mode='data_parallel'"):
-        check_sharding_supported(True, False)
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        check_sharding_supported(False, True)
+def test_sharding_setups_atm_cannot_run_are_refused_naming_the_option():
+    check_sharding_supported(fsdp=False, deepspeed=False, parallel_mode="task_parallel")
+    check_sharding_supported(fsdp=True, deepspeed=False, parallel_mode="data_parallel")  # FSDP2 in data_parallel
+    with pytest.raises(ValueError, match="FSDP needs atm_parallel_mode='data_parallel'.*'task_parallel'"):
+        check_sharding_supported(fsdp=True, deepspeed=False, parallel_mode="task_parallel")
+    with pytest.raises(ValueError, match="DeepSpeed.*ZeRO partitions"):
+        check_sharding_supported(fsdp=False, deepspeed=True, parallel_mode="data_parallel")
+    with pytest.raises(TypeError):  # the mode is required: forgetting it must not allow FSDP silently
+        check_sharding_supported(fsdp=True, deepspeed=False)
+
+
+def test_a_checkpoint_that_does_not_fit_the_sharded_backbone_names_its_folder(tmp_path):
+    shapes = {"w": torch.Size([4, 2]), "b": torch.Size([4])}
+    check_weights_fit(tmp_path, {"w": torch.zeros(4, 2), "b": torch.zeros(4), "extra": torch.zeros(1)}, shapes)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: backbone weights do not fit.*missing \['b'\]"):
+        check_weights_fit(tmp_path, {"w": torch.zeros(4, 2)}, shapes)
+    with pytest.raises(CheckpointError, match=r"w: \(3, 2\) != \(4, 2\)"):
+        check_weights_fit(tmp_path, {"w": torch.zeros(3, 2), "b": torch.zeros(4)}, shapes)
 
 
 def _free_port() -> int:
@@ -258,12 +273,23 @@ def _launch(*script_args: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def _single(fn, *args) -> None:
-    """Run `fn` here with one intra-op thread, like each launched process."""
-    threads = torch.get_num_threads()  # before the import: the script sets one thread when imported
+def _script(module: str):
+    """``tests/scripts/<module>.py``, imported without keeping the one intra-op thread it sets when imported
+    (the rest of the pytest session keeps its thread count)."""
+    threads = torch.get_num_threads()
+    try:
+        return importlib.import_module(f"scripts.{module}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single(module: str, fn: str, *args) -> None:
+    """Run `module`'s `fn` here with one intra-op thread, like each launched process (restored afterwards)."""
+    run = getattr(_script(module), fn)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fn(*args)
+        run(*args)
     finally:
         torch.set_num_threads(threads)
 
@@ -272,18 +298,17 @@ def _single(fn, *args) -> None:
 def launched(tmp_path_factory):
     """One ``accelerate launch`` of 2 gloo processes for every multi-process test of this module (a launch
     costs ~20 s of imports): the task-parallel runs, the data-parallel run (8 rows per device) and the
-    collector checks, all written into one folder."""
+    collector checks and the FSDP runs (``multi/fsdp``), all written into one folder."""
     multi = tmp_path_factory.mktemp("multi")
-    _launch(str(multi), "--data-parallel-rows", "8", "--collector")
+    _launch(str(multi), "--data-parallel-rows", "8", "--collector", "--fsdp-rows", "8")
     return multi
 
 
 def test_two_processes_match_single_process(tmp_path, launched):
     single, multi = tmp_path / "single", launched
-    from scripts.atm_dist_run import main as run_single
 
     single.mkdir()
-    _single(run_single, single)
+    _single("atm_dist_run", "main", single)
     # both ranks really ran, each on its own tasks (sorted: digit, high, parity -> rank 0: digit, parity)
     ranks = {p.name: json.loads(p.read_text()) for p in multi.glob("rank-*.json")}
     assert set(ranks) == {"rank-0.json", "rank-1.json"}
@@ -314,10 +339,9 @@ DATA_PARALLEL_ATOL = 1e-10
 
 def test_data_parallel_two_processes_match_one_process_with_the_same_global_batch(tmp_path, launched):
     single, multi = tmp_path / "single", launched  # launched: two processes, 8 rows each
-    from scripts.atm_dist_run import main_data_parallel
 
     single.mkdir()
-    _single(main_data_parallel, single, 16)  # one process, 16 rows per batch: the same global batch
+    _single("atm_dist_run", "main_data_parallel", single, 16)  # one process, 16 rows per batch: the same global batch
     ranks = {p.name: json.loads(p.read_text()) for p in multi.glob("dp-rank-*.json")}
     assert ranks["dp-rank-0.json"]["tuned"] == ranks["dp-rank-1.json"]["tuned"] == ["digit", "high", "parity"]
     assert ranks["dp-rank-0.json"]["evaluated"] == ["digit", "parity"]
@@ -339,7 +363,9 @@ def test_collector_and_data_parallel_helpers_on_two_gloo_processes(launched):
     """Two real gloo processes: the task-parallel merge equals one process (bit for bit: float64 sums, same
     gathered vectors), only the touched tensors are exchanged (one all-reduce per touched tensor in sum
     mode), the Gram spans both processes' tasks; data-parallel sharding, gradient mean and stats."""
-    from scripts.atm_dist_run import COLLECTOR_SHAPES, COLLECTOR_SPECS, collector_taus
+    script = _script("atm_dist_run")
+    COLLECTOR_SHAPES, COLLECTOR_SPECS, collector_taus = (  # noqa: N806
+        script.COLLECTOR_SHAPES, script.COLLECTOR_SPECS, script.collector_taus)
 
     tmp_path = launched
     taus = collector_taus()
@@ -374,6 +400,10 @@ def test_collector_and_data_parallel_helpers_on_two_gloo_processes(launched):
     assert dp[0]["small_batch_labels"] == dp[1]["small_batch_labels"] == [0]  # fewer rows than ranks: whole
     for r in range(2):
         assert all(v == 1.5 for g in dp[r]["grads"] for v in g)  # mean of 1 and 2
+        # 1-byte buckets: weight (1, 2 -> 1.5) and bias (2, 4 -> 3) each averaged on its own
+        assert [set(g) for g in dp[r]["small_bucket_grads"]] == [{1.5}, {3.0}]
+        assert dp[r]["buffers_not_broadcast"] == [r + 1.0, r + 1.0]  # ddp_broadcast_buffers=False
+        assert dp[r]["buffers_broadcast"] == [1.0, 1.0]  # rank 0's
         assert dp[r]["stats"] == [2.0, 0.5]  # per-task stats averaged in data_parallel
         assert dp[r]["merged_dicts"] == {"task0": {"f1": 0.0}, "task1": {"f1": 1.0}}  # every rank gets all
 
@@ -383,3 +413,96 @@ def test_merge_dicts_on_one_process_is_a_copy():
     local = {"a": {"f1": 0.5}}
     merged = ex.merge_dicts(local)
     assert merged == local and merged is not local
+
+
+# Stated tolerance of FSDP data_parallel against one unsharded process with the same global batch: as for
+# data_parallel above, the difference is the summation order of the gradient (FSDP's reduce-scatter of two
+# half-batch means, the clipping norm summed over shards), in float64. Measured max |difference| over every
+# weight: 1.9e-14 (mean, 2 rounds), 3.2e-14 (TIES, 1 round, 2 micro-batches per step), 9.7e-14 (DARE, 1 round,
+# gradient checkpointing, FSDP from accelerate's environment variables).
+FSDP_ATOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def fsdp_single(tmp_path_factory):
+    """The FSDP runs' reference: one process, no FSDP, 16 rows per batch (the two ranks' 8 + 8)."""
+
+    single = tmp_path_factory.mktemp("fsdp-single")
+    _single("atm_fsdp_run", "run", single, 16, False)
+    return single
+
+
+def test_fsdp_data_parallel_two_processes_match_one_unsharded_process(launched, fsdp_single):
+    """FSDP2 (CPU, gloo, one unit per ViT layer) with the default element-wise mean, TIES (whole tensors gathered
+    per tensor to merge; gradient accumulation) and DARE (gathered to draw its per-tensor masks; gradient
+    checkpointing; FSDP from accelerate's FSDP environment variables): the weights after training, the cosines
+    and every round's accuracies equal one unsharded process within FSDP_ATOL; the best round (PA,
+    load_best_model_at_end) is the same, round checkpoints were written."""
+    RUNS = _script("atm_fsdp_run").RUNS  # noqa: N806
+
+    multi = launched / "fsdp"
+    for r in range(2):  # each rank held half of the rows of a sharded weight
+        rows = json.loads((multi / f"fsdp-rank-{r}.json").read_text())["local_rows"]
+        assert rows["local"] == rows["full"] // 2, rows
+    for name in RUNS:
+        meta_1 = json.loads((fsdp_single / f"{name}.json").read_text())
+        meta_2 = json.loads((multi / f"{name}.json").read_text())
+        assert (meta_1["world_size"], meta_2["world_size"]) == (1, 2)
+        assert (meta_1["sharded"], meta_2["sharded"]) == (False, True)
+        assert meta_1["steps"] == meta_2["steps"]
+        assert meta_1["best_round"] == meta_2["best_round"]
+        assert meta_1["checkpoints"] == meta_2["checkpoints"]
+        a = load_file(str(fsdp_single / f"{name}.safetensors"))
+        b = load_file(str(multi / f"{name}.safetensors"))
+        assert set(a) == set(b)
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert diff <= FSDP_ATOL, f"{name}: max difference {diff}"
+        assert meta_1["accuracy"] == meta_2["accuracy"], name
+        assert torch.allclose(torch.tensor(meta_1["cosine"]), torch.tensor(meta_2["cosine"]), atol=1e-9), name
+    assert json.loads((multi / "fsdp_mean.json").read_text())["checkpoints"] == ["checkpoint-round-1",
+                                                                                 "checkpoint-round-2"]
+
+
+def test_fsdp_saved_model_is_whole_and_equals_the_in_memory_result(launched):
+    """save_model and the round checkpoints of a sharded run gather the full weights: the folder loads with
+    MultiTaskModel.from_pretrained (the format of an unsharded run) and equals the trained model, bit for bit."""
+    from hf_atm.atm import MultiTaskModel
+
+    multi = launched / "fsdp"
+    trained = load_file(str(multi / "fsdp_mean.safetensors"))
+    saved = MultiTaskModel.from_pretrained(str(multi / "fsdp_mean" / "model")).state_dict()
+    assert set(saved) == set(trained)
+    assert all(torch.equal(saved[k], trained[k]) for k in trained)
+    best = json.loads((multi / "fsdp_mean.json").read_text())["best_round"]
+    # the model holds the best round, and that round's checkpoint holds it too
+    ckpt = MultiTaskModel.from_pretrained(str(multi / "fsdp_mean" / f"checkpoint-round-{best}")).state_dict()
+    assert all(torch.equal(ckpt[k], trained[k]) for k in trained)
+
+
+def test_fsdp_with_task_parallel_is_refused_under_accelerates_fsdp_config(launched):
+    for r in range(2):
+        said = json.loads((launched / "fsdp" / f"fsdp-rank-{r}.json").read_text())["task_parallel"]
+        assert said.startswith("FSDP needs atm_parallel_mode='data_parallel', got atm_parallel_mode='task_parallel'")
+
+
+def test_fsdp_trainer_refuses_predict_reuses_its_sharding_and_names_a_checkpoint_that_does_not_fit(launched):
+    """With a sharded backbone: predict() is refused naming predict and FSDP; a second ATMTrainer on the same
+    (already sharded) model reuses the sharding and evaluates as the first, one without FSDP is refused naming
+    the situation; layer classes matching nothing are refused naming transformer_layer_cls_to_wrap; a
+    checkpoint of another shape is a CheckpointError naming its folder (not a bare KeyError / copy_ error)."""
+    for r in range(2):
+        info = json.loads((launched / "fsdp" / f"fsdp-rank-{r}.json").read_text())
+        assert info["predict"].startswith("predict() does not run with an FSDP-sharded backbone")
+        assert info["second_trainer"] == {"sharded": True, "same_accuracies": True}
+        assert info["refused"]["without_fsdp"].startswith("the model's backbone is already FSDP-sharded over 2 ranks")
+        assert info["refused"]["no_such_layer"].startswith(
+            "fsdp_config['transformer_layer_cls_to_wrap']=['NoSuchLayer']: no such module in ViTModel")
+        assert info["other_shape"].startswith(f"CheckpointError: {launched / 'fsdp' / 'other-shape'}: backbone "
+                                              "weights do not fit this model")
+
+
+def test_fsdp_resume_from_a_round_checkpoint_is_bit_identical(launched):
+    """A fresh sharded trainer resumed from the sharded run's round-1 checkpoint (loaded whole, each rank taking
+    its rows) ends round 2 with the uninterrupted run's weights, bit for bit (checked on both ranks)."""
+    for r in range(2):
+        assert json.loads((launched / "fsdp" / f"fsdp-rank-{r}.json").read_text())["resumed_equal"] is True

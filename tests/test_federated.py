@@ -327,17 +327,17 @@ def test_killed_server_resumes_from_its_last_checkpoint(base_dir, in_process, tm
 
 
 class RecordingGrid(LocalGrid):
-    """LocalGrid that keeps the train replies the server receives."""
+    """LocalGrid that keeps the train replies the server receives (through the public ``pull_messages``)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.train_replies = []
 
-    def _deliver(self, msg, timeout):
-        reply = super()._deliver(msg, timeout)
-        if reply is not None and reply.has_content() and msg.metadata.message_type == MessageType.TRAIN:
-            self.train_replies.append(reply.content)
-        return reply
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.train_replies += [r.content for r in replies
+                               if r.has_content() and r.metadata.message_type == MessageType.TRAIN]
+        return replies
 
 
 def test_secure_aggregation_with_a_dropout(base_dir, in_process, tmp_path):

@@ -72,14 +72,9 @@ REFUSED = {
     "lr_scheduler_type": "reduce_lr_on_plateau",
     "optim": "galore_adamw_layerwise",
     "train_sampling_strategy": "group_by_length",
-    # sharding and DDP (ATM's data_parallel averages gradients itself)
-    "fsdp": "full_shard",
-    "fsdp_config": {"min_num_params": 1},
+    # DeepSpeed (ZeRO's engine is not driven by ATM); fsdp_config without fsdp (FSDP itself: below)
     "deepspeed": {"train_batch_size": 8},
-    "ddp_find_unused_parameters": True,
-    "ddp_bucket_cap_mb": 10,
-    "ddp_broadcast_buffers": False,
-    "ddp_static_graph": True,
+    "fsdp_config": {"version": 2},
 }
 MORE_REFUSED = [
     ("lr_scheduler_type", "greedy"), ("optim", "lomo"), ("optim", "adalomo"), ("optim", "schedule_free_adamw"),
@@ -160,8 +155,96 @@ def test_defaults_and_accepted_values_build(tmp_path):
                             hub_strategy="end", optim="adamw_torch", lr_scheduler_type="cosine"))
     cfg = ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp="", deepspeed=None))
     assert cfg.atm_parallel_mode == "data_parallel"
+    # DDP's options: bucket size and buffer broadcast go to data_parallel's gradient averaging, the others are inert
+    ATMConfig(**base_kwargs(tmp_path, ddp_find_unused_parameters=True, ddp_bucket_cap_mb=10,
+                            ddp_broadcast_buffers=False, ddp_static_graph=True))
     # the TrainingArguments property is not shadowed by ATM's option
     assert not isinstance(cfg.parallel_mode, str)
+
+
+def test_fsdp_is_accepted_in_data_parallel_and_refused_elsewhere(tmp_path):
+    """The contract says how FSDP is honoured (FSDP2 in data_parallel; the honouring itself is proven by the
+    launched runs of test_atm_distributed) and every fsdp_config key is either applied or refused naming it:
+    FSDP in task_parallel, fsdp_config without fsdp, keys outside ATM's sharded round (transformers' neutral
+    defaults accepted), LoRA and persistent optimizers."""
+    assert TRAINING_ARGUMENTS_CONTRACT["fsdp"].startswith("honoured: atm_parallel_mode='data_parallel'")
+    assert TRAINING_ARGUMENTS_CONTRACT["fsdp_config"].startswith("honoured: with fsdp")
+    assert TRAINING_ARGUMENTS_CONTRACT["deepspeed"].startswith("refused: ZeRO")
+    cfg = ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp=True,
+                                  fsdp_config={"version": 2, "reshard_after_forward": False,
+                                               "transformer_layer_cls_to_wrap": ["ViTLayer"]}))
+    assert cfg.fsdp and cfg.fsdp_config["transformer_layer_cls_to_wrap"] == ["ViTLayer"]
+    neutral = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT", "min_num_params": 0,
+               "cpu_ram_efficient_loading": "false", "cpu_offload": False, "activation_checkpointing": False}
+    ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp=True, fsdp_config=neutral))
+    with pytest.raises(ValueError, match=r"^fsdp=True .*FSDP needs atm_parallel_mode='data_parallel'"):
+        ATMConfig(**base_kwargs(tmp_path, fsdp=True))  # task_parallel, the default
+    for key, value, match in (("version", 1, "FSDP version 1"), ("cpu_offload", True, "CPU offload"),
+                              ("min_num_params", 1000, r"fsdp_config\['min_num_params'\]"),
+                              ("activation_checkpointing", True, "gradient_checkpointing"),
+                              ("auto_wrap_policy", "SIZE_BASED_WRAP", r"fsdp_config\['auto_wrap_policy'\]"),
+                              ("auto_wrap_policy", "NO_WRAP", r"fsdp_config\['auto_wrap_policy'\]"),
+                              ("state_dict_type", "SHARDED_STATE_DICT", r"fsdp_config\['state_dict_type'\]"),
+                              ("cpu_ram_efficient_loading", True, r"fsdp_config\['cpu_ram_efficient_loading'\]"),
+                              ("forward_prefetch", True, r"fsdp_config\['forward_prefetch'\] .*applies only"),
+                              ("bogus_key", 1, r"fsdp_config\['bogus_key'\]")):
+        with pytest.raises(ValueError, match=match):
+            ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp=True,
+                                    fsdp_config={key: value}))
+    with pytest.raises(ValueError, match="lora_r > 0 cannot be combined with FSDP"):
+        ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp=True, lora_r=4))
+    with pytest.raises(ValueError, match="reset_optimizer_each_round=False cannot be combined with FSDP"):
+        ATMConfig(**base_kwargs(tmp_path, atm_parallel_mode="data_parallel", fsdp=True,
+                                reset_optimizer_each_round=False))
+
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_TRANSFORMER_CLS_TO_WRAP": "ViTLayer"}
+
+
+@pytest.mark.parametrize("var,value,yaml_key", [
+    ("FSDP_ACTIVATION_CHECKPOINTING", "true", "fsdp_activation_checkpointing"),
+    ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP", "fsdp_auto_wrap_policy"),
+    ("FSDP_MIN_NUM_PARAMS", "100000", "fsdp_min_num_params"),
+    ("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT", "fsdp_state_dict_type"),
+    ("FSDP_IGNORED_MODULES", "pooler", "fsdp_ignored_modules"),
+    ("FSDP_CPU_RAM_EFFICIENT_LOADING", "true", "fsdp_cpu_ram_efficient_loading"),
+    ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+    ("FSDP_VERSION", "1", "fsdp_version"),
+])
+def test_accelerate_fsdp_settings_atm_does_not_apply_are_refused_naming_the_yaml_key(tmp_path, data, monkeypatch,
+                                                                                      var, value, yaml_key):
+    """accelerate's FSDP config (the FSDP_* variables ``accelerate launch`` sets) goes through the same rules,
+    checked by the trainer with any number of processes (here one, where nothing would be sharded); the
+    neutral values accelerate writes are accepted."""
+    for k, v in {**FSDP_ENV, "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_STATE_DICT_TYPE":
+                 "FULL_STATE_DICT", "FSDP_MIN_NUM_PARAMS": "0", "FSDP_ACTIVATION_CHECKPOINTING": "false"}.items():
+        monkeypatch.setenv(k, v)
+    args = make_args(tmp_path, atm_parallel_mode="data_parallel")
+    assert not ATMTrainer(model=make_model(), args=args, task_datasets=data).exchange.sharded  # one process
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=yaml_key if var != "FSDP_VERSION" else "fsdp_version: 2"):
+        ATMTrainer(model=make_model(), args=args, task_datasets=data)
+
+
+def test_accelerate_fsdp_config_rules_apply_with_one_process(tmp_path, data, monkeypatch):
+    for k, v in FSDP_ENV.items():
+        monkeypatch.setenv(k, v)
+    for kw, match in ((dict(lora_r=4), "lora_r > 0 cannot be combined with FSDP"),
+                      (dict(reset_optimizer_each_round=False), "reset_optimizer_each_round=False cannot"),
+                      (dict(), "FSDP needs atm_parallel_mode='data_parallel', got atm_parallel_mode='task_parallel'")):
+        mode = "task_parallel" if not kw else "data_parallel"
+        with pytest.raises(ValueError, match=match):
+            ATMTrainer(model=make_model(), args=make_args(tmp_path, atm_parallel_mode=mode, **kw), task_datasets=data)
+
+
+def test_ddp_options_reach_the_data_parallel_exchange(tmp_path, data):
+    tr = ATMTrainer(model=make_model(), args=make_args(tmp_path, atm_parallel_mode="data_parallel",
+                                                       ddp_bucket_cap_mb=3, ddp_broadcast_buffers=False),
+                    task_datasets=data)
+    assert tr.exchange.grad_bucket_bytes == 3 * 2**20 and tr.exchange.broadcast_buffers is False
+    assert not tr.exchange.sharded
+    default = ATMTrainer(model=make_model(), args=make_args(tmp_path), task_datasets=data).exchange
+    assert default.grad_bucket_bytes == 32 * 2**20 and default.broadcast_buffers is True
 
 
 def test_best_round_needs_per_round_evaluation_and_saving(tmp_path):

@@ -40,6 +40,7 @@ from hf_atm.atm.history import HistoryEntry
 from hf_atm.atm.model import MultiTaskModel
 from hf_atm.atm.problems import is_regression
 from hf_atm.atm.rounds import apply_delta_
+from hf_atm.atm.sharding import fsdp_requested
 from hf_atm.atm.trainer import ATMTrainer
 from hf_atm.atm.tuning import head_state, load_head_
 from hf_atm.errors import MergeConfigError
@@ -85,6 +86,9 @@ def _entry(trainer: ATMTrainer, acc_score: tuple[Mapping[str, float], Mapping[st
 
 
 def _trainer(model: MultiTaskModel, args: ATMConfig, task_datasets: Mapping[str, Any], **kw: Any) -> ATMTrainer:
+    if fsdp_requested(args):  # the baselines read whole backbone tensors; FSDP would hand them DTensor shards
+        raise ValueError("the baselines (finetune_individual, one_shot_merge, train_joint) do not run with FSDP: "
+                         "remove fsdp / fsdp_config and the accelerate FSDP config for them")
     tr = ATMTrainer(model=model, args=args, task_datasets=task_datasets, **kw)
     tr.model.zero_grad(set_to_none=True)
     return tr

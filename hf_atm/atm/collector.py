@@ -30,6 +30,12 @@ gathered vectors on the tensors' device, ``"cpu"`` moves them (and the merge ari
 
 LoRA rounds: names absent from every task vector on every rank (weights no adapter touched) are not
 exchanged and are absent from the delta.
+
+FSDP-sharded backbones (``full_shapes``, data_parallel): every rank adds every task's vector of its own rows
+(shard-local shapes). Element-wise methods (``task_arithmetic``, ``average``) fold shard-locally; the other
+sum-decomposable ones (DARE, Breadcrumbs, DELLA: per-tensor masks and ranks) gather each task's tensor,
+transform it whole and fold their rows; gather-mode methods gather every task's tensor, merge it whole and keep
+their rows. The Gram sums every rank's local dot products (whole shards; unsharded tensors split as above).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ import torch
 
 from hf_atm.atm.evaluation import accumulate_gram
 from hf_atm.atm.exchange import TaskExchange, local_exchange, owner_of
+from hf_atm.atm.sharding import gather_rows, local_rows
+from hf_atm.merging.registry import get_method
 from hf_atm.merging.spec import (
     MergeSpec,
     merge_deltas,
@@ -213,13 +221,16 @@ class DeltaCollector:
     (sorted here), `shapes` / `dtypes` their shapes and dtypes. `buffers` is a caller-held dict for
     accumulators reused from round to round (large CPU allocations are otherwise returned to the OS and
     page-faulted in again every round); the delta may alias them until the next round. `spill_dir` is the
-    parent of the temporary Gram files (default: the system's temporary directory).
+    parent of the temporary Gram files (default: the system's temporary directory). `full_shapes`
+    (``{name: global shape}``) names the FSDP-sharded tensors, whose `shapes` are this rank's rows (see the
+    module docstring).
     """
 
     def __init__(self, exchange: TaskExchange, spec: MergeSpec, names: Sequence[str],
                  shapes: Mapping[str, torch.Size], dtypes: Mapping[str, torch.dtype],
                  compute_cosine: bool, buffers: dict | None = None, *, merge_device: str = "auto",
-                 accumulate: str = "auto", spill_dir: str | os.PathLike | None = None) -> None:
+                 accumulate: str = "auto", spill_dir: str | os.PathLike | None = None,
+                 full_shapes: Mapping[str, torch.Size] | None = None) -> None:
         resolve_merge_device(merge_device, "cpu")  # validate early
         accumulate_dtype(accumulate, "cpu")
         self.ex = exchange
@@ -232,6 +243,11 @@ class DeltaCollector:
         self.merge_device = merge_device
         self.accumulate = accumulate
         self.mode = "gather" if needs_all_task_vectors(spec.method) else "sum"
+        self.full_shapes = {n: torch.Size(s) for n, s in (full_shapes or {}).items()}
+        if self.full_shapes and not (exchange.data_parallel or not exchange.distributed):
+            raise ValueError("sharded task vectors (full_shapes) need a data_parallel exchange")
+        # element-wise methods fold each rank's rows as they are; the others see whole tensors
+        self._shard_local = get_method(spec.method).elementwise
         self._sum: dict[str, torch.Tensor] = {}
         self._taus: dict[str, dict[str, torch.Tensor]] = {}
         self._added: set[str] = set()
@@ -280,7 +296,7 @@ class DeltaCollector:
         w = 1.0 if self.spec.weights is None else float(self.spec.weights[idx])
         for name, t in tau.items():
             if self._spill is not None:
-                self._spill.write(task, name, t, *self._gram_part(t.numel()))
+                self._spill.write(task, name, t, *self._gram_part(name, t.numel()))
             self._fold(name, t, idx, w)
         self._track()
 
@@ -289,7 +305,14 @@ class DeltaCollector:
         identity = self.spec.method == "task_arithmetic" and w == 1.0 and t.dtype in (torch.float32, torch.float64)
         # the per-task term is computed where the task vector lives (float32), then folded where the
         # accumulator lives
-        term = t if identity else per_task_transform(self.spec, t, idx, name, self.n)
+        if identity:
+            term = t
+        elif name in self.full_shapes and not self._shard_local:  # whole-tensor masks / ranks: transform it whole
+            whole = gather_rows(self.ex, t, self.full_shapes[name])
+            term = local_rows(per_task_transform(self.spec, whole, idx, name, self.n), self.ex.rank,
+                              self.ex.world_size)
+        else:
+            term = per_task_transform(self.spec, t, idx, name, self.n)
         acc = self._sum.get(name)
         if acc is None:
             dev = resolve_merge_device(self.merge_device, t.device)
@@ -385,19 +408,25 @@ class DeltaCollector:
             taus = self._gathered(name, local, shape, dtype)
             if device is not None:
                 taus = [t.to(device) for t in taus]
-            out[name] = merge_deltas(self.spec, taus, name)
+            full = self.full_shapes.get(name)
+            if full is not None:  # sharded: merge the whole tensor (gathered from every rank), keep my rows
+                taus = [gather_rows(self.ex, t, full) for t in taus]
+                out[name] = local_rows(merge_deltas(self.spec, taus, name), self.ex.rank, self.ex.world_size).clone()
+            else:
+                out[name] = merge_deltas(self.spec, taus, name)
             if gram is not None:
                 accumulate_gram(gram, taus)
             for t in mine:  # release this tensor's copies as soon as it is merged
                 self._taus.get(t, {}).pop(name, None)
         return out, gram
 
-    def _gram_part(self, numel: int) -> tuple[int, int]:
+    def _gram_part(self, name: str, numel: int) -> tuple[int, int]:
         """The flat elements of a tensor whose Gram terms this rank computes: all of them, except in
         data_parallel with several processes (every rank holds every task vector), where each rank takes a
-        contiguous share and the partial Grams are summed."""
+        contiguous share and the partial Grams are summed; a sharded tensor's local rows are this rank's
+        share already."""
         ex = self.ex
-        if not (ex.data_parallel and ex.distributed):
+        if not (ex.data_parallel and ex.distributed) or name in self.full_shapes:
             return 0, numel
         base, extra = divmod(numel, ex.world_size)
         start = ex.rank * base + min(ex.rank, extra)
@@ -414,7 +443,7 @@ class DeltaCollector:
         step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, self.n))
         for name in self.exchanged_names:
             dtype = _compute_dtype(self.dtypes[name])  # the task vectors' precision, as in gather mode
-            start, stop = self._gram_part(self.shapes[name].numel())
+            start, stop = self._gram_part(name, self.shapes[name].numel())
             for a in range(0, stop - start, step):
                 b = min(stop - start, a + step)
                 local = []

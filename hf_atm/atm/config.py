@@ -7,8 +7,9 @@ bf16, gradient checkpointing, seed) apply to each per-task fine-tuning inside a 
 evaluation and save unit (``eval_strategy`` / ``save_strategy`` ``"epoch"`` = once per round, which is what
 ``load_best_model_at_end``, ``metric_for_best_model`` and ``EarlyStoppingCallback`` work on); the budget is
 ``rounds x epochs_per_round`` (or ``rounds x steps_per_round`` optimizer steps) per task, so ``num_train_epochs``
-and ``max_steps`` are refused; FSDP, DeepSpeed and DDP's options are refused (ATM trains plain replicas and, in
-``atm_parallel_mode="data_parallel"``, averages the gradients itself).
+and ``max_steps`` are refused; FSDP (``fsdp`` / ``fsdp_config``, FSDP2) shards the backbone in
+``atm_parallel_mode="data_parallel"`` (:mod:`hf_atm.atm.sharding`) and is refused in task_parallel; DeepSpeed is
+refused; DDP's bucket size and buffer broadcast apply to data_parallel's own gradient averaging.
 
 The merge options (``merge_*``) are those of the merge-method registry (:mod:`hf_atm.merging.registry`) that
 some method usable inside ATM rounds reads; each is validated by the registry's record of the option and of
@@ -29,6 +30,7 @@ from hf_atm.atm.collector import ACCUMULATE_DTYPES, MERGE_DEVICES
 from hf_atm.atm.exchange import PARALLEL_MODES
 from hf_atm.atm.metrics import SHIPPED_METRICS, parse_task_metrics
 from hf_atm.atm.rounds import default_merge_scale
+from hf_atm.atm.sharding import check_fsdp_args, fsdp_mode_message
 from hf_atm.errors import MergeConfigError
 from hf_atm.merging.registry import METHODS, OPTIONS, RESCALES, get_method
 from hf_atm.merging.spec import MAJORITY_SIGN_METHODS, MergeSpec
@@ -92,9 +94,11 @@ _ROUND_BUDGET = "ATM's budget is rounds x epochs_per_round (or rounds x steps_pe
 _PER_ROUND = "a round is ATM's evaluation and save unit"
 _TASK_LOOP = "ATM's per-task loop runs the unwrapped model with Trainer's training_step"
 _NO_DDP = ("ATM wraps no model in DDP: task_parallel trains separate tasks per rank, data_parallel averages the "
-           "gradients itself")
-_NO_SHARDING = ("ATM fine-tunes and merges plain (unsharded) replicas; what lowers a rank's memory is "
-                "atm_parallel_mode='data_parallel', merge_device='cpu' and gradient_checkpointing=True")
+           "gradients itself (exchange.sync_gradients_, after the last backward of each step)")
+_NO_DEEPSPEED = ("ZeRO partitions the parameters and optimizer state behind an engine whose backward and step ATM "
+                 "does not drive; for a model too large for one replica use fsdp=True with "
+                 "atm_parallel_mode='data_parallel'")
+_FSDP_MODE = fsdp_mode_message("task_parallel")  # the only other mode; one message for the rule
 _EVAL_LOOP = "in predict(), which runs Trainer's evaluation loop for one task"
 
 #: every ``dataclasses.fields(TrainingArguments)`` name -> what ATM does with it: ``"honoured: <how>"``,
@@ -236,13 +240,22 @@ TRAINING_ARGUMENTS_CONTRACT: dict[str, str] = {
     "parallelism_config": _R + "ATM spreads rounds over processes itself (atm_parallel_mode)",
     "ddp_backend": _H + "the process group's backend (used by ATM's exchange)",
     "ddp_timeout": _H + "the process group's timeout (used by ATM's exchange)",
-    "ddp_find_unused_parameters": _R + _NO_DDP,
-    "ddp_bucket_cap_mb": _R + _NO_DDP,
-    "ddp_broadcast_buffers": _R + _NO_DDP,
-    "ddp_static_graph": _R + _NO_DDP,
-    "fsdp": _R + _NO_SHARDING,
-    "fsdp_config": _R + _NO_SHARDING,
-    "deepspeed": _R + _NO_SHARDING,
+    "ddp_find_unused_parameters": _I + _NO_DDP + "; parameters without a gradient are skipped, which is what "
+    "find_unused_parameters=True does, at no cost",
+    "ddp_bucket_cap_mb": _H + "data_parallel: the size of the flat gradient buckets averaged over ranks (default "
+    "32 MiB); task_parallel exchanges no gradients",
+    "ddp_broadcast_buffers": _H + "data_parallel: buffers (running statistics) set to rank 0's after each task's "
+    "fine-tuning unless False; task_parallel broadcasts no buffers",
+    "ddp_static_graph": _I + _NO_DDP + "; there is no DDP reducer to hint",
+    "fsdp": _H + "atm_parallel_mode='data_parallel' with several processes: the backbone sharded with FSDP2 "
+    "(fully_shard per transformer layer and the backbone as root), task vectors sharded, saved folders whole; "
+    "refused in task_parallel",
+    "fsdp_config": _H + "with fsdp: version 2, reshard_after_forward, transformer_layer_cls_to_wrap; every other "
+    "key refused unless it has transformers' neutral default (no cpu_offload, TRANSFORMER_BASED_WRAP without "
+    "min_num_params, FULL_STATE_DICT, no activation_checkpointing (use gradient_checkpointing), no "
+    "cpu_ram_efficient_loading, no XLA); refused without fsdp, with lora_r > 0 and with "
+    "reset_optimizer_each_round=False",
+    "deepspeed": _R + _NO_DEEPSPEED,
     "local_rank": _H + "set by the launcher; the process's rank in ATM's exchange",
     "do_train": _I + "not read by Trainer (scripts' flag)",
     "do_eval": _I + "not read by Trainer (scripts' flag)",
@@ -295,9 +308,9 @@ _REFUSED_VALUES: dict[str, tuple[Callable[[ATMConfig, Any], bool], str]] = {
     "include_num_input_tokens_seen": (lambda c, v: v not in ("no", False), "ATM does not count input tokens"),
     "debug": (lambda c, v: bool(v), "Trainer's debug options hook into its own training loop"),
     # set when truthy ("" and {} from a command line or a config file mean unset)
-    "fsdp": (_truthy, _NO_SHARDING),
-    "fsdp_config": (_truthy, _NO_SHARDING),
-    "deepspeed": (_truthy, _NO_SHARDING),
+    "fsdp": (lambda c, v: bool(v) and c.atm_parallel_mode != "data_parallel", _FSDP_MODE),
+    "fsdp_config": (lambda c, v: bool(v) and not c.fsdp, "fsdp_config has no effect without fsdp=True"),
+    "deepspeed": (_truthy, _NO_DEEPSPEED),
 }
 
 
@@ -369,7 +382,8 @@ class ATMConfig(TrainingArguments):
         metadata={
             "help": "How a round is spread over processes: 'task_parallel' (tasks split over ranks, each rank "
             "fine-tunes its tasks alone) or 'data_parallel' (every rank fine-tunes every task on its share of "
-            "each batch, gradients averaged: for models whose per-task batches do not fit one process). Named "
+            "each batch, gradients averaged: for models whose per-task batches do not fit one process; with "
+            "fsdp=True the backbone is sharded with FSDP2, for models too large for one replica). Named "
             "atm_parallel_mode because TrainingArguments already has a parallel_mode property.",
             "choices": list(PARALLEL_MODES),
         },
@@ -462,6 +476,8 @@ class ATMConfig(TrainingArguments):
             # selected by.
             self.metric_for_best_model = "eval_mean_score"
         super().__post_init__()
+        if self.fsdp:
+            check_fsdp_args(self)  # ValueError naming the fsdp_config key / option ATM does not run with FSDP
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if self.steps_per_round <= 0 and not self.epochs_per_round > 0:

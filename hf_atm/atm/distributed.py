@@ -18,11 +18,11 @@ from hf_atm.atm.collector import (
 from hf_atm.atm.exchange import (
     PARALLEL_MODES,
     TaskExchange,
-    check_sharding_supported,
     local_exchange,
     owner_of,
     warn_if_unused_gpus,
 )
+from hf_atm.atm.sharding import check_sharding_supported
 
 __all__ = [
     "ACCUMULATE_DTYPES",

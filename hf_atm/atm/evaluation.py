@@ -63,15 +63,20 @@ def cosine_from_gram(gram: torch.Tensor) -> list[list[float]]:
     return [[float(x) for x in row] for row in cos.clamp(-1.0, 1.0)]
 
 
-def mean_off_diagonal(cos: Sequence[Sequence[float]] | None) -> float | None:
-    """Mean of the off-diagonal entries of a square matrix (None for None or a 1x1 matrix)."""
+def mean_off_diagonal(cos: Sequence[Sequence[float | None]] | None) -> float | None:
+    """Mean of the off-diagonal entries of a square matrix (None for None, a 1x1 matrix, or no finite entry).
+
+    An entry that is NaN, or None (how ``history.json`` stores a NaN), is a pair whose cosine was not
+    measured (a task whose vector did not arrive in a federated round) and is left out, so a matrix gives the
+    same mean before and after a JSON round trip."""
     if cos is None:
         return None
     n = len(cos)
     if n < 2:
         return None
-    vals = [cos[i][j] for i in range(n) for j in range(n) if i != j]
-    return float(sum(vals) / len(vals))
+    vals = [float(v) for i in range(n) for j in range(n) if i != j and (v := cos[i][j]) is not None]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(sum(vals) / len(vals)) if vals else None
 
 
 def mean_accuracy(acc: Mapping[str, float]) -> float:

@@ -12,7 +12,13 @@ Two ways to spread a round over processes (``ATMConfig.atm_parallel_mode``):
   (:meth:`TaskExchange.sync_gradients_`, DDP semantics). Every rank thus ends with the same task vectors
   and heads: the merge needs no exchange.
 
-In both modes evaluation is split over ranks (:meth:`TaskExchange.my_eval_tasks`) and the counts summed.
+With FSDP configured, data_parallel shards the backbone (:mod:`hf_atm.atm.sharding`; ``exchange.sharded``):
+FSDP reduce-scatters the backbone's gradients, :meth:`TaskExchange.sync_gradients_` averages the rest (the
+heads), and the round works on each rank's shards.
+
+In both modes evaluation is split over ranks (:meth:`TaskExchange.my_eval_tasks`) and the counts summed
+(with a sharded backbone every rank runs every forward, as FSDP's collectives need, and the owner's counts are
+kept).
 Collectives go through ``torch.distributed`` as initialised by accelerate (gloo on CPU: tensors are moved to
 CPU for it; NCCL: they stay on the GPU). With one process (or ``local=True``) nothing is exchanged.
 """
@@ -26,11 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "PARALLEL_MODES",
     "TaskExchange",
-    "check_sharding_supported",
+    "is_sharded",
     "local_exchange",
     "owner_of",
     "warn_if_unused_gpus",
@@ -73,6 +80,8 @@ class TaskExchange:
         backend = dist.get_backend() if self.distributed else "none"
         # NCCL reduces CUDA tensors; gloo (and anything else) CPU tensors.
         self.comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        #: True when the backbone is FSDP-sharded over the ranks (set by :func:`hf_atm.atm.sharding.prepare_sharding`)
+        self.sharded = False
 
     @property
     def data_parallel(self) -> bool:
@@ -131,12 +140,13 @@ class TaskExchange:
 
     def sync_gradients_(self, params: Iterable[nn.Parameter]) -> None:
         """Average ``.grad`` over ranks in place (data_parallel; no-op otherwise), in flat buckets per dtype
-        and device. Parameters without a gradient are skipped; every rank must hold gradients for the same
-        parameters (same model, same task). Call after the last backward of an optimizer step, before
-        gradient clipping and ``optimizer.step()``."""
+        and device. Parameters without a gradient are skipped (what DDP's ``find_unused_parameters=True``
+        does), and so are FSDP-sharded ones (DTensors, which FSDP has reduce-scattered); every rank must hold
+        gradients for the same parameters (same model, same task). Call after the last backward of an
+        optimizer step, before gradient clipping and ``optimizer.step()``."""
         if not (self.data_parallel and self.distributed):
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
         groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for g in grads:
             groups.setdefault((g.dtype, g.device), []).append(g)
@@ -210,11 +220,13 @@ class TaskExchange:
             t.copy_(c)
 
     def broadcast_module_(self, module: nn.Module, src: int = 0) -> None:
-        """Every parameter and buffer of `module` set to rank `src`'s values."""
+        """Every parameter and buffer of `module` set to rank `src`'s values (FSDP-sharded ones excepted: each
+        rank holds its own rows, sharded from rank `src`'s weights)."""
         if not self.distributed:
             return
         for t in list(module.parameters()) + list(module.buffers()):
-            self.broadcast_(t.data, src)
+            if not is_sharded(t):
+                self.broadcast_(t.data, src)
 
     def broadcast_heads_(self, heads: nn.ModuleDict, tasks: Sequence[str]) -> None:
         """Each head of `tasks` set, on every rank, to its owner's values (no-op in data_parallel, where
@@ -261,18 +273,9 @@ def local_exchange(tasks: Sequence[str]) -> TaskExchange:
     return TaskExchange(tasks, local=True)
 
 
-def check_sharding_supported(fsdp: bool, deepspeed: bool) -> None:
-    """Raise ValueError when FSDP or DeepSpeed is configured: ATM fine-tunes and merges plain replicas."""
-    if not (fsdp or deepspeed):
-        return
-    what = "FSDP (TrainingArguments.fsdp / accelerate's FSDP plugin)" if fsdp else "DeepSpeed (TrainingArguments.deepspeed)"
-    raise ValueError(
-        f"ATMTrainer does not support {what}: every rank holds a full (unsharded) replica of the model, its "
-        "round snapshot and one merge accumulator. Without sharding, what lowers the memory of a rank is "
-        "atm_parallel_mode='data_parallel' (each rank runs only its share of every batch), merge_device='cpu' "
-        "(the merge accumulator and task vectors in host memory) and gradient_checkpointing=True. Remove the "
-        "FSDP / DeepSpeed setting from TrainingArguments and from the accelerate config."
-    )
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for an FSDP-sharded tensor (a DTensor; :mod:`hf_atm.atm.sharding`)."""
+    return isinstance(t, DTensor)
 
 
 def warn_if_unused_gpus(exchange: TaskExchange, device: torch.device | str) -> None:

@@ -8,6 +8,11 @@ Each entry holds every task's accuracy and its main score (``score``, by the met
 accuracy unless the task was given another, see :mod:`hf_atm.atm.metrics`); normalized scores are main scores
 over the reference's (the field keeps its older name ``normalized_accuracy``).
 
+One encoding of a missing value: a NaN (a task not evaluated, a cosine not measured) is written as JSON
+``null`` (``hf_atm.files.jsonable``), and every reader here reads ``null`` back as NaN
+(:func:`main_scores`, :func:`mean_score`, the plots, :func:`hf_atm.atm.evaluation.mean_off_diagonal`), so a
+history read from disk (a resumed run's) behaves as the one in memory.
+
 Plots: ``accuracy.png`` (the main score of each task and their mean against the round, the metric named on the
 axis; the file keeps its older name), ``cosine.png`` (heatmap of the last round's pairwise cosine similarity of
 task vectors, and the mean off-diagonal cosine per round).
@@ -252,7 +257,8 @@ def plot_history(history: Sequence[HistoryEntry | Mapping[str, Any]], folder: st
     if with_cos:
         last = with_cos[-1]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
-        im = a1.imshow(last["cosine"], vmin=-1, vmax=1, cmap="RdBu_r")
+        cells = [[_float(v) for v in row] for row in last["cosine"]]  # a null (unmeasured pair) is NaN
+        im = a1.imshow(cells, vmin=-1, vmax=1, cmap="RdBu_r")
         names = last.get("tasks") or tasks
         a1.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         a1.set_yticks(range(len(names)), names, fontsize=7)

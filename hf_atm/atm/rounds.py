@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from hf_atm.atm.sharding import full_tensors, load_full_
+
 __all__ = [
     "apply_delta_",
     "default_merge_scale",
@@ -95,18 +97,18 @@ def default_merge_scale(method: str, num_tasks: int) -> float:
 
 def model_snapshot(model: Any) -> dict[str, torch.Tensor]:
     """A MultiTaskModel's backbone and heads as detached CPU copies (keys ``backbone.<name>`` /
-    ``heads.<task>.<param>``), e.g. to keep the best round."""
-    out = {f"backbone.{k}": v.detach().to("cpu", copy=True).contiguous()
-           for k, v in model.backbone_tensors().items()}
+    ``heads.<task>.<param>``), e.g. to keep the best round. An FSDP-sharded backbone is gathered whole, one
+    tensor at a time (a collective: call it on every rank; every rank keeps the whole CPU copy, which
+    :func:`restore_snapshot_` needs to take its rows)."""
+    out = {f"backbone.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in full_tensors(model)}
     out.update({f"heads.{k}": v for k, v in model.heads_state_dict().items()})
     return out
 
 
 @torch.no_grad()
 def restore_snapshot_(model: Any, snap: Mapping[str, torch.Tensor]) -> None:
-    """Load a :func:`model_snapshot` back into `model`, in place."""
-    for k, t in model.backbone_tensors().items():
-        t.copy_(snap[f"backbone.{k}"])
+    """Load a :func:`model_snapshot` back into `model`, in place (a sharded backbone takes its rows)."""
+    load_full_(model, {k: snap[f"backbone.{k}"] for k in model.backbone_tensors()})
     for task, head in model.heads.items():
         for p, t in head.state_dict(keep_vars=True).items():
             t.data.copy_(snap[f"heads.{task}.{p}"])

@@ -80,6 +80,16 @@ from hf_atm.atm.metrics import TaskMetric, task_metrics_for
 from hf_atm.atm.model import MultiTaskModel
 from hf_atm.atm.problems import is_regression
 from hf_atm.atm.rounds import apply_delta_, merge_threads, model_snapshot, restore_snapshot_, reusable_buffer
+from hf_atm.atm.sharding import (
+    accelerate_fsdp_flag_kept,
+    backbone_sharded,
+    fsdp_requested,
+    full_shapes,
+    full_state_dict,
+    load_backbone_folder_,
+    local_tensors,
+    prepare_sharding,
+)
 from hf_atm.atm.taskdata import input_columns, prepare_split, prepare_task_data
 from hf_atm.atm.tuning import TaskTuning, check_lora_targets, loader_options
 from hf_atm.errors import CheckpointError, TaskDataError
@@ -97,7 +107,8 @@ class ATMTrainer(TaskTuning, Trainer):
 
     Args:
         model: the MultiTaskModel (pre-trained backbone for ``pa``; the merged start for ``ph``). The trainer
-            changes its weights, never its requires_grad flags.
+            changes its weights, never its requires_grad flags. With FSDP its backbone is sharded at
+            construction and stays sharded after ``train()``: save with ``trainer.save_model()`` on every rank.
         args: an :class:`ATMConfig`.
         task_datasets: ``{task: DatasetDict(train/validation/test)}``, preprocessed to model inputs plus an
             integer ``labels`` (or ``label``) column.
@@ -155,18 +166,20 @@ class ATMTrainer(TaskTuning, Trainer):
         if reference_accuracies is not None:
             normalized_accuracy({t: 1.0 for t in tasks}, reference_accuracies)  # KeyError early
         round_split = "validation" if args.atm_mode == "pa" else "validation_select"
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=collator,
-            # Trainer asks for one with eval_strategy != "no": the rounds are evaluated on the round split
-            eval_dataset={t: data[t][round_split] for t in tasks},
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            compute_metrics=compute_metrics,
-        )
-        check_sharding_supported(self.is_fsdp_enabled, self.is_deepspeed_enabled)
+        with accelerate_fsdp_flag_kept():  # Trainer's Accelerator would leave ACCELERATE_USE_FSDP set
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=collator,
+                # Trainer asks for one with eval_strategy != "no": the rounds are evaluated on the round split
+                eval_dataset={t: data[t][round_split] for t in tasks},
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                compute_metrics=compute_metrics,
+            )
+        check_sharding_supported(fsdp=self.is_fsdp_enabled or fsdp_requested(args),
+                                 deepspeed=self.is_deepspeed_enabled, parallel_mode=args.atm_parallel_mode)
         # label_smoothing_factor goes into the model's own per-head cross entropy (compute_loss): Trainer's
         # LabelSmoother would smooth the padded logits of mixed batches over the widest head's classes.
         self.label_smoother = None
@@ -177,7 +190,9 @@ class ATMTrainer(TaskTuning, Trainer):
         #: the model's ``config.task_metrics``, else accuracy).
         self.task_metrics: dict[str, TaskMetric] = metrics
         self.reference_accuracies = dict(reference_accuracies) if reference_accuracies is not None else None
-        self.exchange = TaskExchange(tasks, parallel_mode=args.atm_parallel_mode)
+        self.exchange = TaskExchange(tasks, parallel_mode=args.atm_parallel_mode, grad_bucket_mb=args.ddp_bucket_cap_mb,
+                                     broadcast_buffers=args.ddp_broadcast_buffers)
+        prepare_sharding(model, self.exchange, args)  # FSDP rules checked; configured: the backbone sharded
         warn_if_unused_gpus(self.exchange, args.device)
         self.history: list[dict[str, Any]] = []
         self.best_round: int | None = None
@@ -228,11 +243,13 @@ class ATMTrainer(TaskTuning, Trainer):
         return DataLoader(ds, batch_size=self.args.per_device_eval_batch_size, sampler=SequentialSampler(ds),
                           collate_fn=self.data_collator, **loader_options(self.args))
 
-    def _evaluate_task(self, task: str, ds: Any) -> tuple[int, int, dict[str, float], dict[str, float]]:
+    def _evaluate_task(self, task: str, ds: Any, extra: bool = True) -> tuple[int, int, dict[str, float],
+                                                                             dict[str, float]]:
         """``(correct, total, main metric's values, compute_metrics' values)`` of `task` on `ds`, on this
-        process."""
+        process (with a sharded backbone a collective: every rank runs it); `extra` False: compute_metrics not
+        called (a sharded backbone's non-owner ranks)."""
         metric = self.task_metrics[task]
-        keep = self.compute_metrics is not None
+        keep = self.compute_metrics is not None and extra
         out = collect_outputs(self.model, task, self._eval_batches(ds), self._prepare_inputs,
                               self.autocast_smart_context_manager, keep_predictions=needs_predictions(metric),
                               keep_logits=keep, regression=is_regression(self.model.config, task))
@@ -243,13 +260,14 @@ class ATMTrainer(TaskTuning, Trainer):
         return out.correct, out.total, task_values(metric, out), extra
 
     def task_accuracy(self, task: str, dataset: Any) -> float:
-        """Accuracy of `task`'s head on `dataset` (prepared task data), computed on this process only."""
+        """Accuracy of `task`'s head on `dataset` (prepared task data), computed on this process only (with an
+        FSDP-sharded backbone the forwards are collectives: call it on every rank)."""
         return self.task_accuracy_and_score(task, dataset)[0]
 
     def task_accuracy_and_score(self, task: str, dataset: Any) -> tuple[float, float]:
         """``(accuracy, main score)`` of `task`'s head on `dataset` (prepared task data; the main score by
-        :attr:`task_metrics`), from one evaluation on this process only; the accuracy is NaN for a regression
-        task."""
+        :attr:`task_metrics`), from one evaluation on this process only (every rank with a sharded backbone);
+        the accuracy is NaN for a regression task."""
         c, n, values, _ = self._evaluate_task(task, dataset)
         acc = c / n if n and not is_regression(self.model.config, task) else math.nan
         return acc, self.task_metrics[task].score(values)
@@ -257,7 +275,8 @@ class ATMTrainer(TaskTuning, Trainer):
     def _evaluate_all(self, datasets: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]],
                                                                    dict[str, dict[str, float]]]:
         """``(accuracy, main metric's values, compute_metrics' values)`` per task of `datasets`; each process
-        evaluates its own tasks (``exchange.my_eval_tasks()``), the results are combined over processes
+        evaluates its own tasks (``exchange.my_eval_tasks()``; with a sharded backbone every rank runs every
+        forward, FSDP's collectives, and the owner keeps the counts), the results are combined over processes
         (accuracy from the summed counts, other metrics computed on the task's process and gathered). Regression
         tasks have no accuracy: they are left out of the first dict (so ``mean_accuracy`` is over the
         classification tasks) and scored by their main metric only."""
@@ -267,9 +286,11 @@ class ATMTrainer(TaskTuning, Trainer):
         extras: dict[str, dict[str, float]] = {}
         values: dict[str, dict[str, float]] = {}
         for j, t in enumerate(names):
-            if t in mine or (t not in self.task_names and self.exchange.rank == 0):
-                c, n, values[t], extras[t] = self._evaluate_task(t, datasets[t])
-                counts[j, 0], counts[j, 1] = c, n
+            owner = t in mine or (t not in self.task_names and self.exchange.rank == 0)
+            if owner or self.exchange.sharded:  # FSDP: every rank runs every forward (its collectives)
+                c, n, v, e = self._evaluate_task(t, datasets[t], extra=owner)
+                if owner:
+                    counts[j, 0], counts[j, 1], values[t], extras[t] = c, n, v, e
         counts = self.exchange.all_reduce_sum(counts)
         if self.compute_metrics is not None:
             extras = self.exchange.merge_dicts(extras)
@@ -369,7 +390,12 @@ class ATMTrainer(TaskTuning, Trainer):
                 task: str | None = None) -> PredictionOutput:
         """Trainer's ``predict`` for one task: logits of `task`'s head on `test_dataset` (that task's inputs,
         with or without labels), the labels, and the metrics (``<prefix>_loss`` and compute_metrics' keys
-        when labels are given). `task` may be left out when the model has a single task."""
+        when labels are given). `task` may be left out when the model has a single task. Refused with an
+        FSDP-sharded backbone: Trainer's loop would prepare (re-shard) the model with accelerate on a GPU."""
+        if backbone_sharded(self.model):
+            raise ValueError("predict() does not run with an FSDP-sharded backbone (Trainer's evaluation loop would "
+                             "prepare the model again): use evaluate() / accuracies(), or save_model() and predict "
+                             "with the saved folder loaded unsharded")
         if task is None:
             if len(self.model.tasks) != 1:
                 raise ValueError(f"predict: pass task=, one of {list(self.model.tasks)}")
@@ -389,7 +415,7 @@ class ATMTrainer(TaskTuning, Trainer):
         return the round's stats (already reduced over processes)."""
         args = self.args
         model: MultiTaskModel = self.model
-        tensors = model.backbone_tensors()
+        tensors = local_tensors(model)  # FSDP: this rank's rows
         mine = self.exchange.my_tasks()
         t0 = time.perf_counter()
         theta = None
@@ -401,7 +427,7 @@ class ATMTrainer(TaskTuning, Trainer):
                 self.exchange, round_spec(self.merge_spec_, k), list(tensors),
                 {n: t.shape for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()},
                 args.compute_cosine, buffers=self._buffers, merge_device=args.merge_device,
-                accumulate=args.merge_accumulate_dtype,
+                accumulate=args.merge_accumulate_dtype, full_shapes=full_shapes(model),
             )
         merge_s = time.perf_counter() - t0
         self.begin_round(sum(self._steps[t] for t in mine))
@@ -609,8 +635,8 @@ class ATMTrainer(TaskTuning, Trainer):
             return None
         return checkpoint_dir(self.args.output_dir, self.best_round)
 
-    def _write_checkpoint_files(self, folder: Path, k: int) -> None:
-        self.model.write_files(folder, self.processing_class)
+    def _write_checkpoint_files(self, folder: Path, k: int, full: dict[str, torch.Tensor] | None) -> None:
+        self.model.write_files(folder, self.processing_class, **({"state_dict": full} if full else {}))
         state = {"round": k, "history": self.history, "best_round": self.best_round,
                  "best_score": self._best_score, "step_base": self._step_base, "fingerprint": self._fingerprint()}
         atomic_write_json(folder / ATM_STATE_FILE, state)
@@ -634,10 +660,11 @@ class ATMTrainer(TaskTuning, Trainer):
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
                            staged / f"optimizer-{task}.pt")
             self.exchange.barrier()
+        full = full_state_dict(self.model, keep=args.should_save)  # FSDP: gathered, kept where written
         if args.should_save:
             if self.best_round == k:
                 self.state.best_model_checkpoint = str(checkpoint_dir(args.output_dir, k))
-            write_checkpoint(args.output_dir, k, lambda tmp: self._write_checkpoint_files(tmp, k),
+            write_checkpoint(args.output_dir, k, lambda tmp: self._write_checkpoint_files(tmp, k, full),
                              state_file=ATM_STATE_FILE, save_total_limit=args.save_total_limit,
                              keep=self._best_checkpoint())
         self.exchange.barrier()
@@ -652,7 +679,7 @@ class ATMTrainer(TaskTuning, Trainer):
                 f"{path} was written by a different ATM setup: {state.get('fingerprint')} != {expected}"
             )
         model: MultiTaskModel = self.model
-        model.load_backbone_weights(path)
+        load_backbone_folder_(model, path)
         model.load_heads(path)
         self.history = list(state["history"])
         self._round = int(state["round"])
@@ -695,13 +722,14 @@ class ATMTrainer(TaskTuning, Trainer):
                                  datasets=hub_dataset_sources(self.task_data), task_metrics=self.metric_names(),
                                  processor_saved=self.processing_class is not None)
 
-    def _write_model_folder(self, folder: Path) -> None:
+    def _write_model_folder(self, folder: Path, full: dict[str, torch.Tensor] | None = None) -> None:
         """The saved folder: model files whose ``config.task_metrics`` are the run's metrics by name (the
-        caller's model keeps its own config), history, plots, card, ``atm_config.json``."""
+        caller's model keeps its own config), history, plots, card, ``atm_config.json``; `full`: the whole
+        weights of a sharded model (:func:`~hf_atm.atm.sharding.full_state_dict`)."""
         config, kept = self.model.config, self.model.config.task_metrics
         config.task_metrics = self.metric_names()  # names only: a metric module's path is never saved
         try:
-            self.model.write_files(folder, self.processing_class)
+            self.model.write_files(folder, self.processing_class, **({"state_dict": full} if full else {}))
         finally:
             config.task_metrics = kept
         write_history(self.history, folder)
@@ -715,8 +743,9 @@ class ATMTrainer(TaskTuning, Trainer):
         card (README.md) and ``atm_config.json`` into `output_dir` (default ``args.output_dir``); main
         process only, files written to a temporary folder first."""
         output_dir = output_dir or self.args.output_dir
+        full = full_state_dict(self.model, keep=self.args.should_save)  # FSDP: kept where written
         if self.args.should_save:
-            atomic_write_dir(output_dir, self._write_model_folder)
+            atomic_write_dir(output_dir, lambda tmp: self._write_model_folder(tmp, full))
         self.exchange.barrier()
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub()
@@ -735,6 +764,7 @@ class ATMTrainer(TaskTuning, Trainer):
         ``hf_atm.hub.push.push_folder``. `repo_id` defaults to ``args.hub_model_id``, then the name of
         ``output_dir``. Returns the commit URL (None on non-main processes)."""
         self.save_model(_internal_call=True)
+        full = full_state_dict(self.model, keep=self.args.should_save)
         if not self.args.should_save:
             return None
         import tempfile
@@ -747,6 +777,6 @@ class ATMTrainer(TaskTuning, Trainer):
         revision = revision if revision is not None else getattr(self.args, "hub_revision", None)
         with tempfile.TemporaryDirectory(prefix="hf_atm_push_") as tmp:
             folder = Path(tmp) / "model"
-            self._write_model_folder(folder)
+            self._write_model_folder(folder, full)
             return push_folder(folder, repo_id, private=bool(private), revision=revision,
                                commit_message=commit_message, token=token)

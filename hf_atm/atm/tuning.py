@@ -11,7 +11,9 @@ fine-tuning trains, requires_grad bookkeeping) are plain functions here.
 Two hooks of the process group (:class:`~hf_atm.atm.distributed.TaskExchange`) sit in the loop for the
 ``data_parallel`` mode: ``exchange.shard_batch(batch)`` (this rank's share of each micro-batch) and
 ``exchange.sync_gradients_(params)`` (gradients averaged over ranks after the backward passes of a step,
-before clipping). Both are no-ops when tasks are split over ranks.
+before clipping). Both are no-ops when tasks are split over ranks. With an FSDP-sharded backbone
+(:mod:`hf_atm.atm.sharding`) FSDP reduce-scatters the backbone's gradients, ``sync_gradients_`` averages the
+head's, gradients are clipped by their global norm over the shards, and the task vector is this rank's rows.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transformers.trainer_utils import set_seed
 from hf_atm.atm.heads import prepare_heads_
 from hf_atm.atm.rounds import merge_threads
 from hf_atm.atm.rounds import task_vector as compute_task_vector
+from hf_atm.atm.sharding import clip_grad_norm_, local_tensors
 from hf_atm.errors import CheckpointError, TaskDataError
 from hf_atm.merging.spec import tensor_seed
 
@@ -414,7 +417,7 @@ class TaskTuning:
         if schedule_steps is None:
             schedule_steps = steps * args.rounds if carry else steps
         lora = args.lora_r > 0
-        tensors = model.backbone_tensors()
+        tensors = local_tensors(model)  # FSDP: this rank's rows (before the optimizer takes the parameters)
         if task_vector and not lora and base is None:
             base = {n: t.detach().clone() for n, t in tensors.items()}
         t0 = time.perf_counter()
@@ -479,7 +482,8 @@ class TaskTuning:
                 exchange.sync_gradients_(params)  # data_parallel: mean over ranks, before clipping
                 grad_norm = None
                 if args.max_grad_norm is not None and args.max_grad_norm > 0:
-                    grad_norm = self._clip_grad_norm(view)
+                    grad_norm = (clip_grad_norm_(params, args.max_grad_norm, exchange) if exchange.sharded
+                                 else self._clip_grad_norm(view))
                 self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
                 self.optimizer.step()
                 self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)

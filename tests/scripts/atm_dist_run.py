@@ -4,7 +4,8 @@ Usage: ``python atm_dist_run.py OUT_DIR`` (or through ``accelerate launch ... at
 ``--data-parallel-rows ROWS`` adds one ATM run with ``atm_parallel_mode="data_parallel"``
 and ``ROWS`` rows per device (the test runs 2 processes x 8 rows against 1 process x 16 rows); ``--collector``
 adds :func:`collector_checks` (no model, on the launched process group): the exchange's
-collectives, the collector's merge across processes and the data-parallel helpers.
+collectives, the collector's merge across processes and the data-parallel helpers; ``--fsdp-rows ROWS`` adds
+the FSDP runs of ``atm_fsdp_run.py`` into ``OUT_DIR/fsdp`` (one launch for every multi-process test).
 
 For each merge setting (task arithmetic merged with one all-reduce; TIES, which needs every task vector), it
 trains the same model on the same digits tasks and writes, on the main process, ``<name>.safetensors`` (the
@@ -158,11 +159,25 @@ def collector_checks(out: str) -> None:
     for p in lin.parameters():
         p.grad = torch.full_like(p, float(rank + 1))
     dp.sync_gradients_(lin.parameters())
+    # a bucket smaller than one gradient (every gradient its own all-reduce: the multi-bucket path), and
+    # buffers with broadcast_buffers off (each rank keeps its own) and on (rank 0's)
+    small = TaskExchange(list(COLLECTOR_TASKS), "data_parallel", grad_bucket_mb=1e-6)  # 1 byte
+    lin3 = nn.Linear(3, 2)
+    for i, p in enumerate(lin3.parameters()):
+        p.grad = torch.full_like(p, float((rank + 1) * (i + 1)))
+    small.sync_gradients_(lin3.parameters())
+    bn = nn.BatchNorm1d(2)
+    bn.running_mean.fill_(float(rank + 1))
+    TaskExchange(list(COLLECTOR_TASKS), "data_parallel", broadcast_buffers=False).sync_buffers_(bn)
+    kept = bn.running_mean.tolist()
+    dp.sync_buffers_(bn)
     info["data_parallel"] = {
         "my_tasks": dp.my_tasks(), "my_eval_tasks": dp.my_eval_tasks(), "global_batch": dp.global_batch_size(4),
         "shard_labels": dp.shard_batch(batch)["labels"].tolist(),
         "small_batch_labels": dp.shard_batch({"labels": torch.arange(1)})["labels"].tolist(),
         "grads": [p.grad.flatten().tolist() for p in lin.parameters()],
+        "small_bucket_grads": [p.grad.flatten().tolist() for p in lin3.parameters()],
+        "buffers_not_broadcast": kept, "buffers_broadcast": bn.running_mean.tolist(),
         "stats": dp.reduce_task_stats(torch.tensor([2.0, float(rank)])).tolist(),
         "merged_dicts": dp.merge_dicts({f"task{rank}": {"f1": float(rank)}}),  # per-task compute_metrics
     }
@@ -177,6 +192,7 @@ if __name__ == "__main__":
     p.add_argument("out", type=Path)
     p.add_argument("--data-parallel-rows", type=int, default=0, help="also run main_data_parallel with these rows")
     p.add_argument("--collector", action="store_true", help="also run collector_checks (needs a process group)")
+    p.add_argument("--fsdp-rows", type=int, default=0, help="also run atm_fsdp_run's FSDP runs with these rows")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     main(a.out)
@@ -184,3 +200,8 @@ if __name__ == "__main__":
         main_data_parallel(a.out, a.data_parallel_rows)
     if a.collector:
         collector_checks(str(a.out))
+    if a.fsdp_rows:
+        from scripts.atm_fsdp_run import run as run_fsdp
+
+        (a.out / "fsdp").mkdir(exist_ok=True)
+        run_fsdp(a.out / "fsdp", a.fsdp_rows, fsdp=True)
