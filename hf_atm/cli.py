@@ -8,7 +8,6 @@ function in :data:`SUBCOMMANDS`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -119,7 +118,6 @@ def run_merge_command(args: argparse.Namespace) -> int:
     # took 11 s with spinning workers vs 2.7 s without, at load 7 on 2 cores). Only effective before torch
     # loads, which the imports below do when run from the console script; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from hf_atm.hub.push import push_from_args
     from hf_atm.lora.merge import run_merge
 
     fmt, rank = getattr(args, "output_format", None), getattr(args, "rank", None)
@@ -150,10 +148,17 @@ def run_merge_command(args: argparse.Namespace) -> int:
             f"({result.num_shards} shard{'s' if result.num_shards != 1 else ''}, "
             f"{result.total_bytes / 1e6:.1f} MB) in {result.seconds:.2f} s"
         )
+    _push_if_asked(args, out)
+    return 0
+
+
+def _push_if_asked(args: argparse.Namespace, out: os.PathLike | str) -> None:
+    """Upload `out` when --push-to-hub was given (merge, export) and print where it went."""
+    from hf_atm.hub.push import push_from_args
+
     url = push_from_args(args, out)
     if url:
         print(f"pushed {out} to {args.push_to_hub}: {url}")
-    return 0
 
 
 def add_push_parser(sub: Any) -> None:
@@ -206,7 +211,7 @@ def run_export_command(args: argparse.Namespace) -> int:
         load_processing_class,
     )
     from hf_atm.atm.model import MultiTaskModel, saved_tasks
-    from hf_atm.hub.push import push_from_args
+    from hf_atm.hub.card import architectures_of
     from hf_atm.hub.resolve import resolve_model
 
     if args.format not in EXPORT_FORMATS:
@@ -219,11 +224,9 @@ def run_export_command(args: argparse.Namespace) -> int:
     out = export_task(model, args.task, args.output, processing_class=load_processing_class(folder),
                       overwrite=args.overwrite, format=args.format, clip_source=args.clip_source)
     # the class written (a CLIP task under --format auto may have fallen back to the package's class)
-    written = json.loads((out / "config.json").read_text()).get("architectures") or ["?"]
+    written = architectures_of(out) or ["?"]
     print(f"exported task {args.task!r} of {args.run_dir} to {out} ({written[0]})")
-    url = push_from_args(args, out)
-    if url:
-        print(f"pushed {out} to {args.push_to_hub}: {url}")
+    _push_if_asked(args, out)
     return 0
 
 

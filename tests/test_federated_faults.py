@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
 from flwr.app.error import Error
 from flwr.serverapp import Grid
 from scripts.atm_data import tiny_vit
-from test_federated import TASKS, assert_same_backbone, fed_config
+from test_federated import TASKS, assert_same_backbone, fed_config, one_thread  # noqa: F401 (autouse fixture)
 
 from hf_atm.atm.history import plot_history
 from hf_atm.atm.model import MultiTaskModel
@@ -32,14 +32,6 @@ from hf_atm.federated.protocol import ACTION_HELLO, PROTOCOL, REC_CONFIG, REC_IN
 from hf_atm.federated.server import RUN_STATUS_FILE, run_federated
 from hf_atm.federated.simulation import LocalGrid
 from hf_atm.federated.steps import exchange, step_message
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -350,10 +342,9 @@ def test_membership_second_claimant_refused_takes_over_and_a_restarted_node_rejo
     assert [e["accuracy"] for e in h] == [e["accuracy"] for e in plain.history]
 
 
-def test_a_node_down_at_the_first_hello_joins_the_next_round(base_dir, tmp_path):
-    """'parity' has no node at start (tasks configured, startup_timeout short): the run starts with two tasks;
-    its node connects during round 1 and trains from round 2 on, synced first, with a fresh head."""
-    cfg = fed_config(base_dir, tmp_path / "late", startup_timeout=1.0)
+def late_parity_grid(cfg):
+    """A grid with the nodes of 'digit' and 'high'; the node of 'parity' connects during round 1 (its id is
+    appended to the returned list)."""
     grid = make_grid(cfg, [{"partition-id": 0}, {"partition-id": 1}])
     joined = []
 
@@ -362,6 +353,14 @@ def test_a_node_down_at_the_first_hello_joins_the_next_round(base_dir, tmp_path)
             joined.append(grid.add_node({"partition-id": 2}))
 
     grid.client_app = make_client_app(cfg, mods=[on_round(join, 1)])
+    return grid, joined
+
+
+def test_a_node_down_at_the_first_hello_joins_the_next_round(base_dir, tmp_path):
+    """'parity' has no node at start (tasks configured, startup_timeout short): the run starts with two tasks;
+    its node connects during round 1 and trains from round 2 on, synced first, with a fresh head."""
+    cfg = fed_config(base_dir, tmp_path / "late", startup_timeout=1.0)
+    grid, joined = late_parity_grid(cfg)
     strategy = run_federated(grid, cfg)
     h = strategy.history
     assert strategy.tasks == list(TASKS)
@@ -388,14 +387,7 @@ def test_without_tasks_a_late_node_joins_when_the_suite_says_the_task_list(base_
         monkeypatch.setattr(strategy_module, "task_names", lambda cfg: list(TASKS))
     cfg = fed_config(base_dir, tmp_path / "late", startup_timeout=1.0, num_clients=num_clients)
     cfg.tasks = None
-    grid = make_grid(cfg, [{"partition-id": 0}, {"partition-id": 1}])
-    joined = []
-
-    def join(nid):
-        if not joined:
-            joined.append(grid.add_node({"partition-id": 2}))
-
-    grid.client_app = make_client_app(cfg, mods=[on_round(join, 1)])
+    grid, joined = late_parity_grid(cfg)
     with caplog.at_level(logging.WARNING, logger="hf_atm.federated"):
         strategy = run_federated(grid, cfg)
     h = strategy.history

@@ -346,8 +346,7 @@ class MultiTaskModel(PreTrainedModel):
             pooling = saved.get("pooling") or default_pooling(backbone.config, folder, backbone)
         normalize = saved.get("normalize_features") if pooling == saved.get("pooling") else None
         config = cls.config_for(backbone, tasks, pooling, backbone_reference=source, task_metrics=task_metrics,
-                                normalize_features=normalize,
-                                task_problem_types=problem_types)
+                                normalize_features=normalize, task_problem_types=problem_types)
         return cls(config, backbone, seed=seed)
 
     @classmethod
@@ -433,7 +432,7 @@ class MultiTaskModel(PreTrainedModel):
         for key in ("trust_remote_code", "use_safetensors"):
             kwargs.pop(key, None)  # never remote code; safetensors only
         if not isinstance(config, MultiTaskConfig):
-            if not _is_multitask_folder(folder):
+            if _multitask_config(folder) is None:
                 _refuse_legacy(folder)
                 if tasks is None:
                     raise CheckpointError(f"{folder} holds no hf_atm multi-task model (no task heads): pass "
@@ -734,11 +733,12 @@ class MultiTaskModel(PreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------
 # folders
 # ----------------------------------------------------------------------------------------------------------
-def _is_multitask_folder(folder: Path) -> bool:
+def _multitask_config(folder: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / "config.json").read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get("model_type") == MODEL_TYPE else None
 
 
 def _refuse_legacy(folder: Path) -> None:
@@ -755,12 +755,12 @@ def saved_tasks(folder: str | os.PathLike) -> dict[str, list[str]]:
     """The tasks and labels of the multi-task model saved in local `folder`, from its config.json alone (no
     weights read); CheckpointError naming the folder otherwise (the earlier format named as such)."""
     folder = Path(folder)
-    if not _is_multitask_folder(folder):
+    if (config := _multitask_config(folder)) is None:
         _refuse_legacy(folder)
         raise CheckpointError(f"{folder} holds no saved multi-task model (config.json with model_type {MODEL_TYPE})")
     try:
-        return {t: list(v) for t, v in json.loads((folder / "config.json").read_text())["tasks"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return {t: list(v) for t, v in config["tasks"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: no valid tasks ({e})") from e
 
 

@@ -375,13 +375,14 @@ def gather_rows(exchange: TaskExchange, local: torch.Tensor, full_shape: torch.S
 def load_full_(model: Any, full: Mapping[str, torch.Tensor]) -> None:
     """Copy whole backbone tensors `full` (``{name: tensor}``, e.g. a snapshot or a saved checkpoint's) into
     `model`'s backbone: each sharded tensor takes its rows, the others all of it."""
-    local = local_tensors(model)
+    if backbone_sharded(model):
+        _reshard_(model.backbone)  # as local_tensors: write into the shards, not temporary full copies
     for name, t in model.backbone_tensors().items():
         src = full[name]
         if is_sharded(t):
-            rank, ws = t.device_mesh.get_local_rank(), t.device_mesh.size()
-            src = local_rows(src, rank, ws)
-        local[name].copy_(src)
+            src = local_rows(src, t.device_mesh.get_local_rank(), t.device_mesh.size())
+            t = t.to_local()  # a view of the parameter's storage
+        t.copy_(src)
 
 
 def check_weights_fit(folder: Any, saved: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size]) -> None:

@@ -147,10 +147,6 @@ class _Local:
     num_validation: int
 
 
-def _data(cfg: FederatedATMConfig, ctx: Context) -> NodeData:
-    return node_data(cfg, ctx.node_config)
-
-
 def _model_key(cfg: FederatedATMConfig, data: NodeData) -> str:
     return json.dumps([cfg.model, cfg.pooling, cfg.head_seed, data.key, data.labels], default=str)
 
@@ -159,7 +155,7 @@ def _local(cfg: FederatedATMConfig, ctx: Context) -> _Local:
     """The model and ATMTrainer of this node's task, built once per process (a simulation actor, an
     in-process node) and run, cached by the run, every option and the data (a trainer carries its schedule
     from round to round, so a trainer is never shared by two runs)."""
-    data = _data(cfg, ctx)
+    data = node_data(cfg, ctx.node_config)
     key = json.dumps([int(ctx.run_id), cfg.to_dict(), data.key, data.task], sort_keys=True, default=str)
     if key in _LOCAL:
         _LOCAL.move_to_end(key)
@@ -433,7 +429,7 @@ def _query(cfg: FederatedATMConfig, msg: Message, ctx: Context) -> Message:
     runtime they cost a process start and a read of the data cache."""
     timer = _Timer.begin()
     conf = msg.content.config_records[REC_CONFIG]
-    data = timer.timed("setup", lambda: _data(cfg, ctx))
+    data = timer.timed("setup", lambda: node_data(cfg, ctx.node_config))
     state = _NodeState(cfg, ctx)
     action = str(conf["action"])
     if action == ACTION_HELLO:
