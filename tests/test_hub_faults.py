@@ -195,7 +195,11 @@ def test_hub_mismatch_is_found_before_any_weight_download(mirror_run, scenario, 
     for r in reads:  # ...by header probes only: a Range request the client hung up on after the header
         size = WEIGHTS[r["path"].split("/resolve/")[0].lstrip("/")][r["path"].rsplit("/", 1)[1]]
         assert r["range"] and r["range"].startswith("bytes=0-"), r
-        assert r["sent"] < min(size, 1 << 20), (r, size)  # 8 MiB weights: under 1 MiB crossed the wire
+        probe = int(r["range"].split("-")[1]) + 1
+        # 8 MiB weights: under 1 MiB crossed the wire. A file no larger than the probe (the 37 KB adapter under a
+        # 100 KB probe) is its own header read: whether the mirror finished sending it before the client hung
+        # up is a race, so only its bound is checked
+        assert r["sent"] < (1 << 20) and (r["sent"] < size or size <= probe), (r, size)
 
 
 def _scenario_requests(requests: list[dict], scenario: str) -> list[dict]:
