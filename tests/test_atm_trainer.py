@@ -105,6 +105,7 @@ def test_cosine_of_history_matches_direct_computation(tmp_path, data):
     assert cos[0][1] == pytest.approx(expected) and cos[1][0] == pytest.approx(expected)
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 @pytest.mark.parametrize("reset", [True, False], ids=["fresh-optimizer", "persistent-optimizer"])
 def test_resume_after_crash_is_bit_identical(tmp_path, data, reset):
     kw = dict(rounds=3, save_strategy="epoch", steps_per_round=2, reset_optimizer_each_round=reset,
@@ -136,6 +137,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path, data, reset):
         other.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-round-3"))
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_ph_mode_selects_best_round_on_held_out_validation(tmp_path, data):
     tr = ATMTrainer(model=make_model(), args=make_args(tmp_path, atm_mode="ph", rounds=3, learning_rate=2e-2,
                                                        ph_select_fraction=0.25), task_datasets=data)
@@ -158,6 +160,7 @@ def test_ph_mode_selects_best_round_on_held_out_validation(tmp_path, data):
         tr.task_data["digit"]["validation_select"][:]["labels"].tolist()
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_lora_rounds_change_only_target_weights(tmp_path, data):
     model = make_model()
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -173,6 +176,7 @@ def test_lora_rounds_change_only_target_weights(tmp_path, data):
     assert tr.history[-1]["cosine"] is not None
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_gradient_accumulation_matches_bigger_batch(tmp_path, data):
     small = dict(optim="sgd", learning_rate=0.3, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
                  rounds=1, merge_scale=1.0)
@@ -187,6 +191,7 @@ def test_gradient_accumulation_matches_bigger_batch(tmp_path, data):
     assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-5
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_bf16_autocast_is_applied(tmp_path, data):
     dtypes = []
     model = make_model()
@@ -258,6 +263,7 @@ def test_bad_input_is_refused_before_training(tmp_path, data):
         ATMTrainer(model=make_model(), args=make_args(tmp_path, atm_mode="ph"), task_datasets=tiny)
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_freeze_heads_leaves_the_callers_requires_grad_flags(tmp_path, data):
     """freeze_heads freezes the heads during training only: the caller's model keeps its own flags (here one
     backbone tensor frozen by the caller, everything else trainable) and its train / eval mode."""
@@ -281,6 +287,7 @@ def test_freeze_heads_leaves_the_callers_requires_grad_flags(tmp_path, data):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_lora_leaves_the_callers_requires_grad_flags(tmp_path, data):
     """peft freezes the base weights while an adapter is in; the caller's flags come back as they were."""
     model = make_model()
@@ -296,6 +303,7 @@ def _best_args(tmp_path, **kw):
                      load_best_model_at_end=True, logging_strategy="no", **kw)
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_pa_load_best_model_at_end_keeps_the_best_round(tmp_path, data):
     """A learning rate that wrecks the model: later rounds are worse on validation, so PA with
     load_best_model_at_end ends on round 0 (the starting model), not on the last round (its checkpoint)."""
@@ -312,6 +320,7 @@ def test_pa_load_best_model_at_end_keeps_the_best_round(tmp_path, data):
     assert not all(torch.equal(start[f"backbone.{k}"], v) for k, v in last.backbone.state_dict().items())
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_metric_for_best_model_and_best_checkpoint_kept_by_rotation(tmp_path, data):
     """metric_for_best_model picks the round (without the eval_ prefix, as in Trainer); the best round's
     checkpoint survives save_total_limit; the model holds that checkpoint's weights."""
@@ -404,6 +413,7 @@ def test_tune_task_is_the_public_per_task_unit(tmp_path, data):
     assert all(torch.equal(res.task_vector[n], again.task_vector[n]) for n in after)
 
 
+@pytest.mark.usefixtures("no_plots")  # checks training, not the plots
 def test_push_to_hub_pushes_once_from_save_model_not_from_train(tmp_path, data, monkeypatch):
     """As with Trainer: train() pushes nothing; save_model() with push_to_hub=True pushes the saved folder once
     (it used to push from both, so every recipe run uploaded twice). The push API is a local stub here."""

@@ -5,7 +5,6 @@ selection by the main score, accuracy-only runs unchanged."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +204,7 @@ def test_cola_like_task_scored_by_matthews_correlation_in_history_with_f1_beside
     assert (tmp_path / "run" / "accuracy.png").stat().st_size > 0
 
 
+@pytest.mark.usefixtures("no_plots")  # checks scores, not the plots (the run above draws them)
 def test_round_selection_uses_the_main_metric(tmp_path, data):
     # PH selects rounds by the mean main score; with a metric of the user's own (1 - accuracy, from a path), the
     # round chosen is the one with the highest error rate, which selection by accuracy would never pick
@@ -226,6 +226,7 @@ def test_round_selection_uses_the_main_metric(tmp_path, data):
     assert m["eval_mean_error_rate"] == pytest.approx(max(scores))
 
 
+@pytest.mark.usefixtures("no_plots")  # checks scores, not the plots (the run above draws them)
 def test_load_best_model_at_end_defaults_to_the_mean_score_and_honours_an_explicit_metric(tmp_path, data):
     # 4 rounds at this rate (seed 0): the round with the best mean score (MCC + accuracy) is not the round with
     # the best mean accuracy, so the check tells selection by score from selection by accuracy
@@ -244,6 +245,7 @@ def test_load_best_model_at_end_defaults_to_the_mean_score_and_honours_an_explic
     assert explicit.metric_for_best_model == "eval_mean_accuracy"
 
 
+@pytest.mark.usefixtures("no_plots")  # checks scores, not the plots (the run above draws them)
 def test_accuracy_only_runs_are_unchanged(tmp_path, data):
     runs = []
     for name, metrics in (("default", None), ("explicit", {"cola": "accuracy", "para": "accuracy"})):
@@ -281,22 +283,11 @@ def test_history_entry_scores_and_plot_with_negative_correlations(tmp_path):
     assert math.isnan(chance.normalized_accuracy["cola"])
 
 
-def test_two_processes_score_each_task_on_its_owner_like_one_process(tmp_path):
+def test_two_processes_score_each_task_on_its_owner_like_one_process(tmp_path, gloo_launch):
     """Metrics other than accuracy are computed on each task's owner process and gathered: two gloo processes
-    (``accelerate launch``) give the single-process history and test keys."""
-    script = Path(__file__).parent / "scripts" / "metrics_dist_run.py"
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    accelerate = Path(sys.executable).parent / "accelerate"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    multi.mkdir()
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script)]
-    r = subprocess.run([*cmd, str(multi)], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    (``accelerate launch``: the suite's shared launch, ``gloo_launch`` in conftest.py, runs
+    tests/scripts/metrics_dist_run.py into ``metrics``) give the single-process history and test keys."""
+    single, multi = tmp_path / "single", gloo_launch / "metrics"
     threads = torch.get_num_threads()  # the single-process run here, with one intra-op thread like each process
     try:
         from scripts.metrics_dist_run import main as run_single

@@ -79,11 +79,25 @@ def test_text_recipe_runs_on_the_bundled_minilm(tmp_path):
     _check_outputs(proc, out, {"noun_category", "verb_category", "fortune_topic", "fortune_language"})
 
 
-def test_recipe_refuses_an_unknown_option(tmp_path):
-    proc = _run("atm_vit.py", "--no_such_option", "1", "--output_dir", str(tmp_path / "out"))
-    assert proc.returncode != 0
-    assert "no_such_option" in proc.stderr
+def test_recipe_refuses_an_unknown_option(tmp_path, monkeypatch):
+    """The recipe's main() with an unknown option raises naming it (uncaught: a non-zero exit with the message on
+    stderr when run as a script) before anything is written. In this process: a fresh interpreter would spend
+    seconds importing torch to parse one option, and the other recipe tests run the scripts as subprocesses."""
+    _recipes_common(monkeypatch)
+    vit = _load_recipe("atm_vit.py")
+    monkeypatch.setattr(sys, "argv", ["atm_vit.py", "--no_such_option", "1", "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="no_such_option"):
+        vit.main()
     assert not (tmp_path / "out").exists()
+
+
+def _load_recipe(script: str):
+    """recipes/`script` imported as a module (its ``__main__`` block not run); ``common`` must be in
+    ``sys.modules`` first (:func:`_recipes_common`)."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "recipes" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _recipes_common(monkeypatch):
@@ -113,53 +127,6 @@ def test_recipe_defaults_give_way_to_the_command_line(monkeypatch, tmp_path):
     assert (args.logging_steps, args.report_to, args.dataloader_num_workers) == (20, [], 0)  # shared defaults
 
 
-def test_reproduce_keeps_one_head_protocol_per_work_folder(tmp_path):
-    """benchmarks/reproduce.py --head_init: results of another head protocol in the work folder are refused
-    (before any data is loaded), so no report mixes protocols; the default protocol leaves suite.json as it was."""
-    import argparse
-
-    import torch
-
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "suite.json").write_text(json.dumps({"settings": dict(module.SUITE_SETTINGS["text"])}))
-    a = argparse.Namespace(head_init="zero_shot", work=str(tmp_path), max_train=None, max_test=None,
-                           threads=torch.get_num_threads())  # fmt: skip
-    with pytest.raises(SystemExit, match="holds results of head_init random"):
-        module.run_suite("text", a)
-
-
-def test_reproduce_checks_the_head_protocol_before_writing_suite_json(tmp_path, monkeypatch):
-    """A protocol that does not apply (zero_shot heads on the ViT, which embeds no text) fails before suite.json
-    is written, so the work folder is not locked to a protocol that never ran."""
-    import argparse
-
-    import torch
-
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    built = []
-
-    class NoTextSuite:  # the real Suite loads data and pre-trains a ViT; only the order is checked here
-        def __init__(self, name, settings):
-            self.sizes, self.labels = {}, {}
-
-        def factory(self, seed):
-            built.append(seed)
-            raise ValueError("head_init 'zero_shot' needs a text encoder")
-
-    monkeypatch.setattr(module, "Suite", NoTextSuite)
-    a = argparse.Namespace(head_init="zero_shot", work=str(tmp_path), max_train=None, max_test=None, seeds=[3],
-                           threads=torch.get_num_threads())  # fmt: skip
-    with pytest.raises(ValueError, match="zero_shot"):
-        module.run_suite("vision", a)
-    assert built == [3]
-    assert not (tmp_path / "vision" / "suite.json").exists()
-
-
 def test_data_caps_zero_means_all_and_freeze_heads_parses_bare(monkeypatch, tmp_path):
     from transformers import HfArgumentParser
 
@@ -170,9 +137,7 @@ def test_data_caps_zero_means_all_and_freeze_heads_parses_bare(monkeypatch, tmp_
     with pytest.raises(ValueError, match="0 for all the data"):
         common.data_cap(-1)
     # the recipes' own option types take 0 from the command line
-    spec = importlib.util.spec_from_file_location("atm_vit", ROOT / "recipes" / "atm_vit.py")
-    vit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vit)
+    vit = _load_recipe("atm_vit.py")
     (script,) = HfArgumentParser(vit.ScriptArguments).parse_args_into_dataclasses(
         args=["--max_train_per_task", "0", "--max_test_per_task", "0"])
     assert (script.max_train_per_task, script.max_test_per_task) == (0, 0)

@@ -33,6 +33,9 @@ from hf_atm.errors import MergeConfigError
 from hf_atm.merging.registry import OPTIONS, get_method
 from hf_atm.merging.spec import MergeSpec
 
+# no test here looks at the PNG plots ATMTrainer writes (tested in test_atm_trainer.py): skip drawing them
+pytestmark = pytest.mark.usefixtures("no_plots")
+
 TASKS = ("parity", "high")
 
 #: one refused value for every option the contract refuses in full, and the refused values of honoured ones.

@@ -9,14 +9,18 @@ Budget rule (``ATM.md``): at a budget of ``B`` epochs, every baseline fine-tunes
   task vectors, the fine-tuned heads, and each model's accuracy and main score on its own task (the scores are
   the denominators of normalized scores).
 * :func:`one_shot_merge`: merge those task vectors once with any method; the scale lambda is chosen on the
-  validation split (mean main score, :mod:`hf_atm.atm.metrics`) from the same grid for every method (default
-  0.1, 0.2, ..., 1.0 plus 1/n: fair tuning);
-  each task keeps its own fine-tuned head.
+  validation split (mean main score, :mod:`hf_atm.atm.metrics`) by the same search for every method (fair
+  tuning, :func:`search_scale`): the grid (default :func:`default_scale_grid`: 0, 0.1, ..., 1.0 plus 1/n;
+  0 is the pre-trained backbone), then steps of 0.25 above its top while the top scores best, up to 4.0
+  (``extend``, ``extend_step``, ``max_scale``); not ATM's in-loop ``merge_scale="auto"``
+  (:mod:`hf_atm.atm.scale_search`: by the loss on a slice of the round split, in every round);
+  each task keeps its own fine-tuned head at every scale, 0 included.
 * :func:`train_joint`: joint multi-task training: mixed batches drawn from the union of all tasks' training
   data, per-task heads, ``B`` epochs over the union.
 
 Results are dicts in the format of ATM's history entries (:class:`~hf_atm.atm.history.HistoryEntry`,
-``round`` = the budget in epochs) with ``method`` and, for merges, ``scale`` and ``validation_by_scale``.
+``round`` = the budget in epochs) with ``method`` and, for merges, ``scale`` and ``validation_by_scale``
+(:class:`MergeResult` adds the scales tried and whether the chosen one is at the edge of them).
 Every fine-tuning is :meth:`ATMTrainer.tune_task <hf_atm.atm.tuning.TaskTuning.tune_task>`; `model`'s
 requires_grad flags are never changed.
 Baselines run in one process (under several processes every process would repeat the same work).
@@ -27,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +53,109 @@ from hf_atm.merging.spec import MergeSpec, merge_deltas, tensor_seed
 __all__ = [
     "IndividualResult",
     "MergeResult",
+    "ScaleChoice",
     "default_scale_grid",
     "finetune_individual",
     "one_shot_merge",
+    "search_scale",
     "train_joint",
 ]
 
+#: :func:`search_scale`'s defaults: the step of the upward extension and the largest scale it tries.
+EXTEND_STEP = 0.25
+MAX_SCALE = 4.0
+
 
 def default_scale_grid(num_tasks: int) -> list[float]:
-    """0.1, 0.2, ..., 1.0 and 1/n, sorted."""
-    grid = {round(0.1 * k, 10) for k in range(1, 11)} | {1.0 / num_tasks}
+    """0, 0.1, 0.2, ..., 1.0 and 1/n (`num_tasks` = n >= 1), sorted, without duplicates. 0 is the pre-trained
+    backbone (with each task's fine-tuned head, a baseline a merge has to beat); 1/n makes task arithmetic
+    the mean of the task vectors."""
+    if num_tasks < 1:
+        raise ValueError(f"default_scale_grid needs num_tasks >= 1, got {num_tasks}")
+    grid = {round(0.1 * k, 10) for k in range(11)} | {1.0 / num_tasks}
     return sorted(grid)
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    """The outcome of :func:`search_scale`.
+
+    Attributes:
+        scale: the chosen scale.
+        validation_by_scale: ``{scale: validation score}`` of every scale tried, in the order tried
+            (ascending: the grid, then the extension).
+        at_grid_edge: the chosen scale is the largest tried and no larger one could be tried (``extend``
+            off, or the next step would pass ``max_scale``), or it is the smallest tried and not 0 (0, the
+            pre-trained backbone, is the natural lower end). A table should say so: the best scale may lie
+            outside what was tried.
+    """
+
+    scale: float
+    validation_by_scale: dict[float, float]
+    at_grid_edge: bool
+
+    @property
+    def scales_tried(self) -> list[float]:
+        """The scales tried, in order."""
+        return list(self.validation_by_scale)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_search(grid: Sequence[float], step: float, max_scale: float) -> None:
+    """MergeConfigError naming the option when :func:`search_scale`'s options are not usable."""
+    if not grid or not all(_finite(s) for s in grid):
+        raise MergeConfigError(f"scale_grid must be a non-empty list of finite numbers, got {list(grid)}")
+    if not (_finite(step) and step > 0):
+        raise MergeConfigError(f"extend_step must be a finite number > 0, got {step!r}")
+    if not _finite(max_scale):
+        raise MergeConfigError(f"max_scale must be a finite number, got {max_scale!r}")
+
+
+def search_scale(
+    evaluate: Callable[[float], float],
+    grid: Sequence[float],
+    *,
+    extend: bool = True,
+    step: float = EXTEND_STEP,
+    max_scale: float = MAX_SCALE,
+) -> ScaleChoice:
+    """The scale with the highest ``evaluate(scale)`` (higher is better; NaN never wins; ties within 1e-12
+    keep the smaller scale), from `grid` (evaluated once per distinct value, ascending) and, with `extend`,
+    from ``top + step, top + 2 step, ...`` (``top`` = the grid's largest value) while the best so far is
+    the largest scale tried: the walk stops at the first scale that is not better than the best, or before
+    a scale above `max_scale` (a grid whose top is already >= `max_scale` is not extended). ``extend=False``
+    evaluates exactly the grid. MergeConfigError (a ValueError) for an empty or non-finite grid, a `step`
+    that is not a finite number > 0 or a non-finite `max_scale`, before any evaluation."""
+    _check_search(grid, step, max_scale)
+    by_scale: dict[float, float] = {}
+    best, best_value = math.nan, -math.inf
+
+    def trial(s: float) -> bool:
+        """Evaluate `s`; True when it becomes the best (strictly better: the grid is walked ascending)."""
+        nonlocal best, best_value
+        v = by_scale[s] = float(evaluate(s))
+        value = -math.inf if math.isnan(v) else v
+        if math.isnan(best) or value > best_value + 1e-12:
+            best, best_value = s, value
+            return True
+        return False
+
+    scales = sorted({float(s) for s in grid})
+    for s in scales:
+        trial(s)
+    top, k = scales[-1], 1
+    # rounded to 10 places as default_scale_grid's values are (with a step such as 0.1, top + 3 * step would
+    # be 1.3000000000000003): a walked scale reads, and compares, as the number it stands for
+    while extend and best == max(by_scale) and round(top + k * step, 10) <= max_scale:
+        if not trial(round(top + k * step, 10)):
+            break
+        k += 1
+    upper = best == max(by_scale) and not (extend and round(top + k * step, 10) <= max_scale)
+    lower = best == min(by_scale) and best != 0.0
+    return ScaleChoice(scale=best, validation_by_scale=by_scale, at_grid_edge=upper or lower)
 
 
 def _budget_steps(trainer: ATMTrainer, task: str, budget_epochs: float | None) -> int:
@@ -204,13 +300,23 @@ def _train_end(tr: ATMTrainer) -> None:
 
 @dataclass
 class MergeResult:
-    """A baseline's resulting model and its history-style entries (``entries[split]``), plus, for merges,
-    the chosen scale and the mean validation score (main metrics) of every scale tried."""
+    """A baseline's resulting model and its history-style entries (``entries[split]``); for merges also the
+    scale search (:func:`search_scale`; None for joint training).
+
+    Attributes:
+        scale: the chosen scale (1.0 for ``average``, which takes none).
+        validation_by_scale: the mean validation score (main metrics) of every scale tried, in the order tried.
+        scales_tried: the keys of `validation_by_scale`, in order (ascending).
+        at_grid_edge: the chosen scale is at the edge of the scales tried (see :class:`ScaleChoice`; False
+            for ``average``).
+    """
 
     model: MultiTaskModel
     entries: dict[str, dict[str, Any]]
     scale: float | None = None
     validation_by_scale: dict[float, float] | None = None
+    scales_tried: list[float] | None = None
+    at_grid_edge: bool | None = None
 
 
 def one_shot_merge(
@@ -221,6 +327,9 @@ def one_shot_merge(
     method: str = "task_arithmetic",
     *,
     scale_grid: Sequence[float] | None = None,
+    extend: bool = True,
+    extend_step: float = EXTEND_STEP,
+    max_scale: float = MAX_SCALE,
     density: float | None = None,
     gamma: float | None = None,
     weights: Sequence[float] | None = None,
@@ -229,21 +338,27 @@ def one_shot_merge(
     data_collator: Any | None = None,
     processing_class: Any | None = None,
 ) -> MergeResult:
-    """Merge the individual task vectors once: ``base + lambda * combine(tau_1..tau_n)`` with lambda picked
-    from `scale_grid` (default :func:`default_scale_grid`) by the mean main score (the tasks' metrics; mean
-    accuracy when every task is scored by accuracy; a NaN mean never wins) on the validation split
-    (``validation_select`` in PH mode); ties keep the smaller scale. Each task keeps its fine-tuned head.
-    Returns a new MultiTaskModel (a copy of `model`); `model` is not modified. ``average`` takes no scale
-    (grid [1.0]). MergeConfigError for a bad method or option, before any evaluation."""
+    """Merge the individual task vectors once: ``base + lambda * combine(tau_1..tau_n)`` with lambda chosen
+    by the mean main score (the tasks' metrics; mean accuracy when every task is scored by accuracy; a NaN
+    mean never wins) on the validation split (``validation_select`` in PH mode) by :func:`search_scale`:
+    every value of `scale_grid` (default :func:`default_scale_grid`: 0, 0.1, ..., 1.0 and 1/n; a given grid
+    as given), then, with `extend`, steps of `extend_step` above the grid's top while the top scores best,
+    up to `max_scale`; ties keep the smaller scale; ``extend=False`` tries exactly the grid. Each task keeps
+    its fine-tuned head at every scale (at 0 the backbone is the base). Returns a new MultiTaskModel (a copy
+    of `model`; `model` is not modified) with the scales tried and whether the chosen one is at their edge.
+    ``average`` takes no scale (grid [1.0], never extended). MergeConfigError for a bad method or option
+    (scale grid, extension step, max scale included), before any evaluation."""
     merged = copy.deepcopy(model)
     tr = _trainer(merged, args, task_datasets, data_collator=data_collator, processing_class=processing_class)
     tasks = tr.task_names
     missing = [t for t in tasks if t not in individual.task_vectors]
     if missing:
         raise MergeConfigError(f"the individual results have no task vector for {missing}")
-    grid = [1.0] if method == "average" else list(scale_grid or default_scale_grid(len(tasks)))
-    if not grid or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in grid):
-        raise MergeConfigError(f"scale_grid must hold finite numbers, got {grid}")
+    if method == "average":
+        grid, extend = [1.0], False
+    else:
+        grid = list(scale_grid) if scale_grid is not None else default_scale_grid(len(tasks))
+    _check_search(grid, extend_step, max_scale)  # before anything is merged or evaluated
     spec = MergeSpec(method=method, weights=tuple(weights) if weights is not None else None, scale=1.0,
                      density=density, gamma=gamma, seed=seed)
     spec.validate(len(tasks))
@@ -262,14 +377,12 @@ def one_shot_merge(
             d = combined.get(n)
             apply_delta_({n: t}, individual.base, {} if d is None else {n: d if method == "average" else d * s})
 
-    by_scale: dict[float, float] = {}
-    best, best_acc = None, -math.inf
-    for s in grid:
+    def validation(s: float) -> float:
         set_scale(s)
-        by_scale[float(s)] = mean_accuracy(_split_scores(tr, sel_split)[1])
-        value = by_scale[float(s)] if not math.isnan(by_scale[float(s)]) else -math.inf
-        if best is None or value > best_acc + 1e-12 or (value == best_acc and s < best):
-            best, best_acc = float(s), value
+        return mean_accuracy(_split_scores(tr, sel_split)[1])
+
+    found = search_scale(validation, grid, extend=extend, step=extend_step, max_scale=max_scale)
+    best, by_scale = found.scale, found.validation_by_scale
     set_scale(best)
     cos = pairwise_cosine([individual.task_vectors[t] for t in tasks])
     budget = individual.budget_epochs
@@ -281,7 +394,8 @@ def one_shot_merge(
     for e in entries.values():
         e["scale"] = best
         e["validation_by_scale"] = dict(by_scale)
-    return MergeResult(model=merged, entries=entries, scale=best, validation_by_scale=by_scale)
+    return MergeResult(model=merged, entries=entries, scale=best, validation_by_scale=by_scale,
+                       scales_tried=found.scales_tried, at_grid_edge=found.at_grid_edge and method != "average")
 
 
 def train_joint(

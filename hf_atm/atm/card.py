@@ -43,7 +43,8 @@ __all__ = ["RunSummary", "atm_model_card", "atm_options_record", "metric_names",
 #: the ATM fields and main training options recorded in ``atm_config.json`` and the run summary.
 _OPTION_KEYS = (
     "atm_mode", "rounds", "epochs_per_round", "steps_per_round", "merge_method", "merge_scale",
-    "merge_weights", "merge_density", "merge_gamma", "merge_seed", "reset_optimizer_each_round",
+    "merge_scale_candidates", "merge_scale_search_examples", "merge_weights", "merge_density", "merge_gamma",
+    "merge_seed", "reset_optimizer_each_round",
     "freeze_heads", "ph_select_fraction", "lora_r", "lora_alpha", "lora_target_modules", "learning_rate",
     "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed",
     "warmup_steps", "bf16", "head_learning_rate",

@@ -13,12 +13,15 @@ refused; DDP's bucket size and buffer broadcast apply to data_parallel's own gra
 
 The merge options (``merge_*``) are those of the merge-method registry (:mod:`hf_atm.merging.registry`) that
 some method usable inside ATM rounds reads; each is validated by the registry's record of the option and of
-the chosen method, and errors name the ATMConfig field.
+the chosen method, and errors name the ATMConfig field. ``merge_scale`` also takes ``"auto"``: the scale is
+then chosen every round by a line search (``merge_scale_candidates``, ``merge_scale_search_examples``;
+:mod:`hf_atm.atm.scale_search`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -30,7 +33,8 @@ from hf_atm.atm.collector import ACCUMULATE_DTYPES, MERGE_DEVICES
 from hf_atm.atm.exchange import PARALLEL_MODES
 from hf_atm.atm.metrics import SHIPPED_METRICS, parse_task_metrics
 from hf_atm.atm.rounds import default_merge_scale
-from hf_atm.atm.sharding import check_fsdp_args, fsdp_mode_message
+from hf_atm.atm.scale_search import candidate_scales
+from hf_atm.atm.sharding import check_fsdp_args, fsdp_mode_message, fsdp_requested
 from hf_atm.errors import MergeConfigError
 from hf_atm.merging.registry import METHODS, OPTIONS, RESCALES, get_method
 from hf_atm.merging.spec import MAJORITY_SIGN_METHODS, MergeSpec
@@ -351,12 +355,30 @@ class ATMConfig(TrainingArguments):
         default="task_arithmetic",
         metadata={"help": "Merge applied to the round's task vectors.", "choices": list(ATM_MERGE_METHODS)},
     )
-    merge_scale: float | None = field(
+    # `float | str | None`: HfArgumentParser parses the field as a string (it keeps `str` from such a Union), so
+    # that `--merge_scale auto` and `--merge_scale 0.5` both parse; __post_init__ turns numbers into floats.
+    merge_scale: float | str | None = field(
         default=None,
         metadata={
-            "help": _merge_help("scale", "lambda multiplying the merged task vector. Default: 1/n for "
-                                "task_arithmetic (the mean of the task vectors, as the ATM authors ran it), 1.0 "
-                                "for every other method")
+            "help": _merge_help("scale", "lambda multiplying the merged task vector, or 'auto' (chosen every "
+                                "round by a line search on the round split: merge_scale_candidates, "
+                                "merge_scale_search_examples). Default: 1/n for task_arithmetic (the mean of the "
+                                "task vectors, as the ATM authors ran it), 1.0 for every other method")
+        },
+    )
+    merge_scale_candidates: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "merge_scale='auto' only: the scales tried every round (absolute, finite, > 0). Default: "
+            "0.5, 1, 1.5, 2, 3 and 4 times the method's default scale (1/n for task_arithmetic, 1.0 otherwise)."
+        },
+    )
+    merge_scale_search_examples: int = field(
+        default=64,
+        metadata={
+            "help": "merge_scale='auto': each candidate is scored by the model's mean loss on the first that "
+            "many examples of each task's round split (validation; validation_select in PH mode), averaged "
+            "over tasks; the lowest wins (the smaller scale on ties)."
         },
     )
     merge_weights: list[float] | None = field(
@@ -467,6 +489,7 @@ class ATMConfig(TrainingArguments):
         # Checked before TrainingArguments normalises the values (torch_compile_backend implies torch_compile,
         # load_best_model_at_end implies metric_for_best_model="loss"...), so the option the user set is named.
         self._check_atm_choices()
+        self._check_merge_scale()
         self._check_training_arguments()
         self.task_metrics = parse_task_metrics(self.task_metrics)  # HfAtmError naming the option and value
         if self.load_best_model_at_end and self.metric_for_best_model is None:
@@ -478,6 +501,10 @@ class ATMConfig(TrainingArguments):
         super().__post_init__()
         if self.fsdp:
             check_fsdp_args(self)  # ValueError naming the fsdp_config key / option ATM does not run with FSDP
+        if self.merge_scale == "auto" and fsdp_requested(self):
+            raise ValueError("merge_scale='auto' is not supported with FSDP (fsdp / accelerate's FSDP config): the "
+                             "forward passes of the scale search are collectives it does not drive over the "
+                             "sharded backbone; set merge_scale to a number")
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if self.steps_per_round <= 0 and not self.epochs_per_round > 0:
@@ -501,6 +528,36 @@ class ATMConfig(TrainingArguments):
                               ("merge_device", MERGE_DEVICES), ("merge_accumulate_dtype", ACCUMULATE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    def _check_merge_scale(self) -> None:
+        """``merge_scale`` as a number, None or ``"auto"`` (a string from the command line is converted), and
+        the options of the line search; ValueError naming the field."""
+        scale = self.merge_scale
+        if isinstance(scale, str):
+            text = scale.strip()
+            if text.lower() == "auto":
+                self.merge_scale = "auto"
+            else:
+                try:
+                    self.merge_scale = float(text)
+                except ValueError:
+                    raise ValueError(f"merge_scale must be a number or 'auto', got {scale!r}") from None
+        elif scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise ValueError(f"merge_scale must be a number or 'auto', got {scale!r}")
+        given = self.merge_scale_candidates
+        if given is not None:
+            if self.merge_scale != "auto":
+                raise ValueError("merge_scale_candidates is read only with merge_scale='auto', got "
+                                 f"merge_scale={self.merge_scale!r}")
+            if isinstance(given, (str, bytes)) or not isinstance(given, (list, tuple)) or not given:
+                raise ValueError(f"merge_scale_candidates must be a non-empty list of numbers, got {given!r}")
+            for v in given:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                    raise ValueError(f"merge_scale_candidates: every scale must be a finite number > 0, got {v!r}")
+            self.merge_scale_candidates = [float(v) for v in given]
+        k = self.merge_scale_search_examples
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"merge_scale_search_examples must be an integer >= 1, got {k!r}")
 
     def _check_training_arguments(self) -> None:
         """ValueError naming the first TrainingArguments option ATM refuses (:data:`TRAINING_ARGUMENTS_CONTRACT`),
@@ -537,6 +594,8 @@ class ATMConfig(TrainingArguments):
                 raise MergeConfigError(
                     f"{name}: method {method!r} takes no {option}; only {', '.join(_readers(option))} do"
                 )
+            if option == "scale" and value == "auto":
+                continue  # the line search's candidates: _check_merge_scale
             if isinstance(value, (list, tuple)):  # one value per task (the per-model options)
                 if not OPTIONS[option].per_model:
                     raise MergeConfigError(f"{name}: expected one value, got a list {list(value)}")
@@ -549,10 +608,18 @@ class ATMConfig(TrainingArguments):
 
     # -- the merge ---------------------------------------------------------------------------------------------
     def resolved_merge_scale(self, num_tasks: int) -> float:
-        """``merge_scale``, or the in-loop default (:func:`hf_atm.atm.rounds.default_merge_scale`)."""
-        if self.merge_scale is not None:
+        """``merge_scale``, or the in-loop default (:func:`hf_atm.atm.rounds.default_merge_scale`), which is
+        also the reference scale the round's merge is built at with ``merge_scale="auto"``."""
+        if self.merge_scale is not None and self.merge_scale != "auto":
             return float(self.merge_scale)
         return default_merge_scale(self.merge_method, num_tasks)
+
+    def merge_scale_search(self, num_tasks: int) -> list[float] | None:
+        """The scales ``merge_scale="auto"`` tries each round for `num_tasks` tasks, ascending
+        (:func:`hf_atm.atm.scale_search.candidate_scales`); None for a fixed scale."""
+        if self.merge_scale != "auto":
+            return None
+        return candidate_scales(default_merge_scale(self.merge_method, num_tasks), self.merge_scale_candidates)
 
     def merge_spec(self, num_tasks: int) -> MergeSpec:
         """The validated MergeSpec of the in-loop merge for `num_tasks` tasks (MergeConfigError naming the

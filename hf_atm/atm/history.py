@@ -53,6 +53,8 @@ COSINE_PLOT = "cosine.png"
 _OPTIONAL = (
     # per-task metrics (absent from histories written before them and from the federated server's)
     "metric", "score", "mean_score",
+    # ATMTrainer's merge scale (rounds >= 1) and its line search (merge_scale="auto")
+    "merge_scale", "scale_search", "scale_search_seconds",
     # baselines
     "method", "scale", "validation_by_scale",
     # federated server
@@ -83,6 +85,12 @@ class HistoryEntry:
         train_seconds / merge_seconds / setup_seconds / eval_seconds: the round's time by kind.
         train_loss: ``{task: mean training loss}`` of the round (None for round 0).
         steps: optimizer steps of the round (all tasks).
+        merge_scale: ATMTrainer rounds (not round 0): the scale lambda the round's merged task vector was applied
+            with (fixed, or chosen by ``merge_scale="auto"``).
+        scale_search: ``merge_scale="auto"`` only: ``{str(scale): mean over tasks of the slice loss}`` of every
+            candidate tried (:mod:`hf_atm.atm.scale_search`); the lowest is `merge_scale`.
+        scale_search_seconds: ``merge_scale="auto"`` only: seconds of the search (the maximum over processes),
+            part of `merge_seconds`.
         method, scale, validation_by_scale: baselines only (the method, the chosen merge scale, the mean
             validation accuracy of every scale tried).
         merged_tasks ... secagg_clipped: federated server only (who took part, missing nodes, errors,
@@ -107,6 +115,9 @@ class HistoryEntry:
     eval_seconds: float = 0.0
     train_loss: dict[str, float] | None = None
     steps: int = 0
+    merge_scale: float | None = None
+    scale_search: dict[str, float] | None = None
+    scale_search_seconds: float | None = None
     method: str | None = None
     scale: float | None = None
     validation_by_scale: dict[float, float] | None = None

@@ -18,7 +18,7 @@ from hf_atm.atm.model import MultiTaskModel
 from hf_atm.atm.problems import is_regression
 from hf_atm.errors import TaskDataError
 
-__all__ = ["input_columns", "prepare_split", "prepare_task_data"]
+__all__ = ["input_columns", "ph_validation_split", "prepare_split", "prepare_task_data"]
 
 
 def input_columns(model: MultiTaskModel) -> set[str]:
@@ -136,8 +136,17 @@ def prepare_task_data(
                     f"task {task!r}: validation has {len(val)} examples, too few to hold out "
                     f"ph_select_fraction={select_fraction} for round selection"
                 )
-            parts = val.train_test_split(test_size=n_sel, seed=seed, shuffle=True)
-            prepared["validation_tune"] = parts["train"]
-            prepared["validation_select"] = parts["test"]
+            prepared["validation_tune"], prepared["validation_select"] = ph_validation_split(val, select_fraction,
+                                                                                             seed)
         out[task] = prepared
     return out
+
+
+def ph_validation_split(validation: Any, select_fraction: float, seed: int) -> tuple[Any, Any]:
+    """PH-ATM's deterministic split of a validation set: ``(tuning part, selection part)``, the selection part
+    ``ceil(select_fraction * len)`` examples drawn by ``Dataset.train_test_split(seed=seed, shuffle=True)``.
+    The trainer splits with it; a caller that must keep the selection part unseen (e.g. tuning a PH start's
+    scale on the tuning part only) splits with it too."""
+    parts = validation.train_test_split(test_size=int(math.ceil(select_fraction * len(validation))), seed=seed,
+                                        shuffle=True)
+    return parts["train"], parts["test"]

@@ -3,7 +3,8 @@
 One round (``ATM.md``): ``theta`` = the current backbone; for each task ``i``, on its own data only,
 ``theta_i = finetune(theta, D_i, E epochs)`` with a fresh optimizer and schedule, ``tau_i = theta_i - theta``;
 then ``theta = theta + merge(tau_1..tau_n)`` tensor by tensor (``merge_deltas``). Heads are not merged: each
-task's head keeps what that task's fine-tuning made of it.
+task's head keeps what that task's fine-tuning made of it. ``merge_scale="auto"`` chooses the scale of the
+merged task vector every round by a line search on the round split (:mod:`hf_atm.atm.scale_search`).
 
 Modes:
 
@@ -80,6 +81,7 @@ from hf_atm.atm.metrics import TaskMetric, task_metrics_for
 from hf_atm.atm.model import MultiTaskModel
 from hf_atm.atm.problems import is_regression
 from hf_atm.atm.rounds import apply_delta_, merge_threads, model_snapshot, restore_snapshot_, reusable_buffer
+from hf_atm.atm.scale_search import search_merge_scale_, slice_losses
 from hf_atm.atm.sharding import (
     accelerate_fsdp_flag_kept,
     backbone_sharded,
@@ -272,6 +274,13 @@ class ATMTrainer(TaskTuning, Trainer):
         acc = c / n if n and not is_regression(self.model.config, task) else math.nan
         return acc, self.task_metrics[task].score(values)
 
+    def task_loss(self, task: str, dataset: Any) -> float:
+        """Mean loss of `task`'s head on `dataset` (prepared task data): :meth:`compute_loss`, the training loss,
+        in eval mode, on this process only (not with a sharded backbone); NaN for an empty dataset."""
+        s, n = slice_losses(self.model, [task], {task: dataset}, self._eval_batches, self.compute_loss,
+                            self._prepare_inputs, self.autocast_smart_context_manager)[0].tolist()
+        return s / n if n else math.nan
+
     def _evaluate_all(self, datasets: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict[str, float]],
                                                                    dict[str, dict[str, float]]]:
         """``(accuracy, main metric's values, compute_metrics' values)`` per task of `datasets`; each process
@@ -455,12 +464,17 @@ class ATMTrainer(TaskTuning, Trainer):
         tm = time.perf_counter()
         with merge_threads(args.device):
             delta, gram = collector.finish()
-            apply_delta_(tensors, theta, delta)
+        self.exchange.broadcast_heads_(model.heads, self.task_names)  # first: the scale search runs every head
+        search = None if args.merge_scale != "auto" else search_merge_scale_(
+            self, tensors, theta, delta, batches=self._eval_batches, prepare=self._prepare_inputs)
+        if search is None:
+            with merge_threads(args.device):
+                apply_delta_(tensors, theta, delta)
         del theta, delta
-        self.exchange.broadcast_heads_(model.heads, self.task_names)
-        merge_s += time.perf_counter() - tm
+        merge_s += time.perf_counter() - tm  # the scale search included
         sums = self.exchange.reduce_task_stats(sums)
-        times = self.exchange.all_reduce_max(torch.cat([times, torch.tensor([merge_s], dtype=torch.float64)]))
+        times = self.exchange.all_reduce_max(torch.cat([times, torch.tensor([merge_s, search.seconds if search else 0.0],
+                                                                             dtype=torch.float64)]))
         self.state.global_step = self._step_base + int(sums[n:].sum().item())
         self._step_base = self.state.global_step
         return {
@@ -470,6 +484,7 @@ class ATMTrainer(TaskTuning, Trainer):
             "setup_seconds": float(times[1]),
             "merge_seconds": float(times[2]),
             "gram": gram,
+            **(search.record(float(times[3])) if search else {"merge_scale": self.merge_spec_.scale}),
         }
 
     # -- best round ---------------------------------------------------------------------------------------
@@ -517,8 +532,7 @@ class ATMTrainer(TaskTuning, Trainer):
             logs["mean_cosine"] = entry["mean_cosine"]
         if entry["train_loss"] is not None:
             logs.update({f"train_{t}_loss": v for t, v in entry["train_loss"].items()})
-        for key in ("train_seconds", "merge_seconds", "setup_seconds"):
-            logs[key] = entry[key]
+        logs.update({k: entry[k] for k in ("train_seconds", "merge_seconds", "setup_seconds", "merge_scale") if k in entry})
         if self.args.logging_strategy != "no":
             self.log(logs)
         metrics = {k: v for k, v in logs.items() if k.startswith("eval_")}
@@ -534,13 +548,14 @@ class ATMTrainer(TaskTuning, Trainer):
         acc, values, extras = self._evaluate_all({t: self.task_data[t][self.round_split] for t in self.task_names})
         eval_s = time.perf_counter() - te
         self.timing["eval"] += eval_s
-        timing = {key: stats[key] for key in ("train_seconds", "merge_seconds", "setup_seconds")} if stats else {}
+        keys = ("train_seconds", "merge_seconds", "setup_seconds", "merge_scale", "scale_search", "scale_search_seconds")
+        of_round = {key: stats[key] for key in keys if key in stats} if stats else {}
         entry = HistoryEntry.build(
             k, acc, tasks=self.task_names, split=self.round_split, reference=self.reference_accuracies,
             score=self._scores(values), metric=self.metric_names(),
             gram=stats["gram"] if stats else None, eval_seconds=eval_s,
             train_loss=dict(stats["train_loss"]) if stats else None, steps=stats["steps"] if stats else 0,
-            **timing,
+            **of_round,
         )
         self._record(entry.to_dict(), values, extras)
 
@@ -627,7 +642,9 @@ class ATMTrainer(TaskTuning, Trainer):
         """What a checkpoint must agree on to be resumed by this trainer."""
         a = self.args
         return {"tasks": list(self.task_names), "atm_mode": a.atm_mode, "merge": self.merge_spec_.to_dict(),
-                "lora_r": a.lora_r, "seed": a.seed, "steps": dict(self._steps)}
+                "lora_r": a.lora_r, "seed": a.seed, "steps": dict(self._steps),
+                **({"scale_search": [a.merge_scale_search(len(self.task_names)), a.merge_scale_search_examples]}
+                   if a.merge_scale == "auto" else {})}
 
     def _best_checkpoint(self) -> Path | None:
         """The best round's checkpoint, which rotation keeps (``load_best_model_at_end``, as Trainer)."""

@@ -8,6 +8,7 @@ DatasetDict / Dataset and return that kind. The ClassLabel is kept and renamed `
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -66,7 +67,10 @@ def tokenize_suite(suite: Any, tokenizer: Any, max_length: int = 64, padding: bo
             )  # fmt: skip
 
         drop = [c for c in ds.column_names if c != "label"]
-        out = ds.map(encode, batched=True, remove_columns=drop, desc=f"tokenize {where}")
+        # an in-memory dataset caches nothing by fingerprint, so skip computing one: it would dill-dump `encode`
+        # with the whole tokenizer (its vocabulary) for every split (seconds each); on-disk data keeps it
+        fingerprint = {} if ds.cache_files else {"new_fingerprint": uuid.uuid4().hex}
+        out = ds.map(encode, batched=True, remove_columns=drop, desc=f"tokenize {where}", **fingerprint)
         out = out.rename_column("label", "labels")
         if out.features["labels"] != feature:  # map keeps it; guard against a library change
             out = out.cast_column("labels", feature)

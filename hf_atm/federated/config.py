@@ -153,6 +153,10 @@ class FederatedATMConfig:
             raise ValueError("reset_optimizer_each_round=False is not supported federated: nodes keep no optimizer")
         if self.train_args.get("atm_mode", "pa") != "pa":
             raise ValueError("federated ATM runs PA-ATM (atm_mode='pa')")
+        if str(self.train_args.get("merge_scale", "")).strip().lower() == "auto":
+            raise ValueError("train_args: merge_scale='auto' is not supported federated: its line search scores "
+                             "candidates on validation data, and the server that merges holds none; set "
+                             "merge_scale to a number")
         if self.secure_aggregation:
             method = self.train_args.get("merge_method", "task_arithmetic")
             if needs_all_task_vectors(method):

@@ -4,8 +4,9 @@ Usage: ``python atm_dist_run.py OUT_DIR`` (or through ``accelerate launch ... at
 ``--data-parallel-rows ROWS`` adds one ATM run with ``atm_parallel_mode="data_parallel"``
 and ``ROWS`` rows per device (the test runs 2 processes x 8 rows against 1 process x 16 rows); ``--collector``
 adds :func:`collector_checks` (no model, on the launched process group): the exchange's
-collectives, the collector's merge across processes and the data-parallel helpers; ``--fsdp-rows ROWS`` adds
-the FSDP runs of ``atm_fsdp_run.py`` into ``OUT_DIR/fsdp`` (one launch for every multi-process test).
+collectives, the collector's merge across processes and the data-parallel helpers; ``--metrics`` adds the run
+of ``metrics_dist_run.py`` into ``OUT_DIR/metrics``; ``--fsdp-rows ROWS`` adds the FSDP runs of
+``atm_fsdp_run.py`` into ``OUT_DIR/fsdp`` (one launch for every multi-process test of the suite).
 
 For each merge setting (task arithmetic merged with one all-reduce; TIES, which needs every task vector), it
 trains the same model on the same digits tasks and writes, on the main process, ``<name>.safetensors`` (the
@@ -192,6 +193,7 @@ if __name__ == "__main__":
     p.add_argument("out", type=Path)
     p.add_argument("--data-parallel-rows", type=int, default=0, help="also run main_data_parallel with these rows")
     p.add_argument("--collector", action="store_true", help="also run collector_checks (needs a process group)")
+    p.add_argument("--metrics", action="store_true", help="also run metrics_dist_run's run")
     p.add_argument("--fsdp-rows", type=int, default=0, help="also run atm_fsdp_run's FSDP runs with these rows")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +202,11 @@ if __name__ == "__main__":
         main_data_parallel(a.out, a.data_parallel_rows)
     if a.collector:
         collector_checks(str(a.out))
+    if a.metrics:
+        from scripts.metrics_dist_run import main as run_metrics
+
+        (a.out / "metrics").mkdir(exist_ok=True)
+        run_metrics(a.out / "metrics")
     if a.fsdp_rows:
         from scripts.atm_fsdp_run import run as run_fsdp
 
