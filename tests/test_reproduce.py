@@ -210,3 +210,24 @@ def test_the_headline_grid_is_what_the_choices_are_made_from(rp):
     needed = [u for u, _, _ in rp.plan(suite, units, 0) if rp.is_headline(u)]
     assert set(needed) <= set(units) and rp.choose_rates({u: units[u] for u in needed}, lrs) is not None
     assert not any(rp.is_headline(u) for u, _, _ in rp.plan(suite, units, 0) if u not in units)
+
+
+def test_ph_split_of_the_study_is_the_trainers(tmp_path):
+    """benchmarks/reproduce.py tunes a PH start's scale on ph_validation_split's tuning part of the raw data; the
+    trainer splits its prepared validation the same way, so the selection part stays unseen."""
+    from scripts.atm_data import TASK_LABELS, digits_tasks, tiny_vit
+
+    from hf_atm.atm import MultiTaskModel
+    from hf_atm.atm.taskdata import ph_validation_split, prepare_task_data
+
+    tasks = ("digit", "parity")
+    data = digits_tasks(tasks, n_train=8, n_val=9, n_test=2, seed=1)
+    model = MultiTaskModel.from_backbone(tiny_vit(seed=0), {t: TASK_LABELS[t] for t in tasks}, seed=0)
+    prepared = prepare_task_data(data, model, mode="ph", select_fraction=0.5, seed=7)
+    for t in tasks:
+        tune, select = ph_validation_split(data[t]["validation"], 0.5, 7)
+        assert len(select) == 5 and len(tune) == 4
+        for part, split in ((tune, "validation_tune"), (select, "validation_select")):
+            mine, theirs = part.with_format("torch")[:], prepared[t][split][:]
+            assert torch.equal(mine["labels"], theirs["labels"])
+            assert torch.equal(mine["pixel_values"], theirs["pixel_values"])
