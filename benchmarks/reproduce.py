@@ -54,6 +54,8 @@ import torch
 
 from hf_atm.atm.evaluation import mean_accuracy, normalized_accuracy
 
+REPO = Path(__file__).resolve().parents[1]
+
 METHODS = {  # one-shot merges and their parameters (the papers' usual settings); rate and scale tuned on validation
     "task_arithmetic": {},
     "ties": {"density": 0.2},
@@ -444,6 +446,15 @@ def run_suite(name: str, a: argparse.Namespace) -> None:
             print(f"[{name} seed {seed}] {unit} done in {res['wall_seconds']:.0f} s", flush=True)
 
 
+def portable(arg: str) -> str:
+    """A command-line argument as it may be written into a saved file: an absolute path relative to the
+    repository when inside it, else only its last part (no local absolute path is ever recorded)."""
+    if not os.path.isabs(arg):
+        return arg
+    path = Path(arg).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else f".../{path.name}"
+
+
 def write_meta(path: Path, a: argparse.Namespace) -> None:
     """Machine, commands, seeds and software of a suite's runs (each start, resumed or parallel, appends)."""
     import transformers
@@ -459,7 +470,7 @@ def write_meta(path: Path, a: argparse.Namespace) -> None:
     meta.setdefault("started", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     meta.setdefault("software", f"python {platform.python_version()}, torch {torch.__version__}, "
                                 f"transformers {transformers.__version__}")
-    command = "python " + " ".join(sys.argv)
+    command = "python " + " ".join(portable(arg) for arg in sys.argv)
     meta["commands"] = [*[c for c in meta.get("commands", []) if c != command], command]
     meta["seeds"] = sorted(set(meta.get("seeds") or []) | set(a.seeds))
     tmp = path.with_suffix(".tmp")

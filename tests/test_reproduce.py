@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,12 @@ def test_ph_split_of_the_study_is_the_trainers(tmp_path):
             mine, theirs = part.with_format("torch")[:], prepared[t][split][:]
             assert torch.equal(mine["labels"], theirs["labels"])
             assert torch.equal(mine["pixel_values"], theirs["pixel_values"])
+
+
+def test_recorded_commands_hold_no_local_absolute_path(rp, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["benchmarks/reproduce.py", "--work", str(rp.REPO / "reports" / "work"),
+                                      "--out", str(tmp_path / "out"), "--seeds", "0"])
+    meta = tmp_path / "meta.json"
+    rp.write_meta(meta, _args(tmp_path))
+    (command,) = json.loads(meta.read_text())["commands"]
+    assert command == "python benchmarks/reproduce.py --work reports/work --out .../out --seeds 0"
