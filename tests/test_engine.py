@@ -229,3 +229,21 @@ def test_sliced_whole_tensor_methods_stream_bit_for_bit_with_ties(tmp_path, meth
     spec = SPECS[method]
     out = merge_checkpoints(_config(base, models, tmp_path / "out", spec), chunk_elements=7)
     _assert_bit_equal(load_checkpoint(out), merge_state_dicts_in_memory(spec, base_sd, model_sds))
+
+
+def test_companion_files_travel_and_a_hub_base_fetches_them(tmp_path):
+    """What the output copies from a local base (configs, tokenizer, processor) is what a Hub base is fetched
+    with: one list of companion files (hub.resolve), so a processor config is never lost on the Hub path."""
+    from hf_atm.hub.resolve import MERGE_FILE_PATTERNS
+    from hf_atm.merging.engine import COPY_PATTERNS
+
+    assert set(COPY_PATTERNS) <= set(MERGE_FILE_PATTERNS)
+    base, models = make_bert_checkpoints(tmp_path / "in", 3, hidden=16, layers=1)
+    extra = {"preprocessor_config.json": '{"do_resize": false}', "feature_extractor_config.json": "{}",
+             "tokenizer.model": "sp", "notes.txt": "not a companion"}
+    for name, text in extra.items():
+        (base / name).write_text(text)
+    out = merge_checkpoints(_config(base, models, tmp_path / "out", SPECS["task_arithmetic"]))
+    for name, text in extra.items():
+        assert ((out / name).read_text() if (out / name).is_file() else None) == (
+            None if name == "notes.txt" else text), name

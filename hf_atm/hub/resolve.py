@@ -27,25 +27,35 @@ from pathlib import Path
 
 from hf_atm.errors import HubError
 
-# What a merge reads or copies into its output: weights, configs, tokenizer / processor files, adapters.
-MERGE_FILE_PATTERNS: tuple[str, ...] = (
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "adapter_config.json",
+#: Top-level files that make up a tokenizer (the chat template travels with it).
+TOKENIZER_FILE_PATTERNS: tuple[str, ...] = (
     "tokenizer*",
     "vocab*",
     "merges.txt",
     "special_tokens_map.json",
     "added_tokens.json",
-    "spiece.model",
-    "sentencepiece*.model",
+    "*.model",  # sentencepiece: spiece.model, tokenizer.model, sentencepiece.bpe.model
     "*.tiktoken",
+    "chat_template*",
+)
+#: Top-level files of an image / audio / video processor.
+PROCESSOR_FILE_PATTERNS: tuple[str, ...] = (
     "preprocessor_config.json",
     "processor_config.json",
     "image_processor*",
-    "chat_template*",
+    "feature_extractor*",
+    "video_preprocessor_config.json",
+)
+#: What travels with a model's weights: its configs, tokenizer and processor (a merge copies these from its base).
+COMPANION_FILE_PATTERNS: tuple[str, ...] = (
+    "config.json", "generation_config.json", *TOKENIZER_FILE_PATTERNS, *PROCESSOR_FILE_PATTERNS,
+)
+# What a merge reads or copies into its output: weights, companions, adapters, a multi-task model's heads.
+MERGE_FILE_PATTERNS: tuple[str, ...] = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "adapter_config.json",
+    *COMPANION_FILE_PATTERNS,
     "heads/*",
     "multitask_config.json",
 )

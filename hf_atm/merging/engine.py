@@ -47,7 +47,13 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_atm.errors import CheckpointError, MergeConfigError
-from hf_atm.hub.resolve import is_local_reference, pin_revision, resolve_model, split_revision
+from hf_atm.hub.resolve import (
+    COMPANION_FILE_PATTERNS,
+    is_local_reference,
+    pin_revision,
+    resolve_model,
+    split_revision,
+)
 from hf_atm.merging import methods as M
 from hf_atm.merging.config import MergeConfig
 from hf_atm.merging.conventions import all_finite
@@ -75,24 +81,7 @@ ELEMENTWISE_METHODS: frozenset[str] = frozenset(m for m in METHODS if get_method
 #: Slice size (elements) for element-wise methods: 1M float32 = 4 MB per input, cache-friendly.
 CHUNK_ELEMENTS = 1 << 20
 #: Files copied from the base into the output (top level only); the config is rewritten when --dtype is set.
-COPY_PATTERNS: tuple[str, ...] = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "vocab*",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "spiece.model",
-    "sentencepiece*.model",
-    "*.tiktoken",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "image_processor*",
-    "feature_extractor*",
-    "video_preprocessor_config.json",
-    "chat_template*",
-)
+COPY_PATTERNS: tuple[str, ...] = COMPANION_FILE_PATTERNS
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from hf_atm.errors import CheckpointError, MergeConfigError
+from hf_atm.hub.resolve import TOKENIZER_FILE_PATTERNS
 from hf_atm.merging.io import TensorInfo
 
 __all__ = [
@@ -111,16 +112,7 @@ EMBEDDING_SUFFIXES: tuple[str, ...] = (
 HEAD_SUFFIXES: tuple[str, ...] = ("lm_head.weight", "embed_out.weight", "output.weight", "lm_head.bias")
 VOCAB_SUFFIXES: tuple[str, ...] = EMBEDDING_SUFFIXES + HEAD_SUFFIXES
 #: Top-level files that make up a tokenizer (the chat template travels with it).
-TOKENIZER_PATTERNS: tuple[str, ...] = (
-    "tokenizer*",
-    "vocab*",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "*.model",
-    "*.tiktoken",
-    "chat_template*",
-)
+TOKENIZER_PATTERNS: tuple[str, ...] = TOKENIZER_FILE_PATTERNS
 _SOURCES = ("base", "union")
 
 #: ``merge_rows(model_indices, base_rows, model_rows) -> rows``: the engine's merge of a block of rows with the
