@@ -429,3 +429,16 @@ def test_wrong_length_gamma_lists_raise():
         M.breadcrumbs(taus, gamma=[0.1, 0.1, 0.1])
     with pytest.raises(MergeConfigError, match=r"gamma\[0\]"):
         M.breadcrumbs_ties(taus, gamma=[1.0, 0.1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_slerp_into_the_output_dtype_equals_the_cast_of_the_float32_result(dtype):
+    """The engine's form writes each chunk in the output dtype (no whole float32 copy): the same bits, and
+    half-precision inputs give what their float32 values give."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3 * 2**20 + 17, generator=g).to(dtype)
+    b = (a.float() + 0.3 * torch.randn(a.shape, generator=g)).to(dtype)
+    got = M.slerp(a, b, 0.3, out_dtype=dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, M.slerp(a, b, 0.3).to(dtype))
+    assert torch.equal(M.slerp(a.float(), b.float(), 0.3), M.slerp(a, b, 0.3))

@@ -98,16 +98,9 @@ class MergeResult:
 # --------------------------------------------------------------------------------------------- per tensor
 def _merge_one(spec: MergeSpec, base: torch.Tensor, models: Sequence[torch.Tensor], name: str,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """merge_tensor(...) for a floating tensor, returned in `out_dtype`.
-
-    A half-precision base is handed over in float32: merge_tensor computes in float32 anyway (so the values are
-    identical) and returns float32, which is cast once, here, to `out_dtype` (no rounding to the base's dtype
-    on the way to another one).
-    """
-    if base.dtype in (torch.float16, torch.bfloat16):
-        base = base.float()
-    out = merge_tensor(spec, base, models, name)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    """merge_tensor(...) for a floating tensor, returned in `out_dtype` (merge_tensor computes in float32 /
+    float64 and casts once, so there is no rounding to the base's dtype on the way to another one)."""
+    return merge_tensor(spec, base, models, name, out_dtype=out_dtype)
 
 
 def _nonfinite_error(name: str, tensor: torch.Tensor, file: Path) -> CheckpointError:

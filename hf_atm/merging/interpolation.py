@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -75,32 +75,42 @@ def _check_t(t: float) -> float:
     return float(t)
 
 
+def _slerp_chunks(a: Tensor, b: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """``(start, stop, x, y)`` over the flat tensors in chunks of :data:`_SLERP_CHUNK`: `x`, `y` the chunk in
+    `dtype`, shape ``(1, n)``, written into two buffers reused for every chunk (fresh chunk-sized temporaries
+    from several merge threads fragment the allocator's heap: RSS grows by hundreds of MB on a 1B SLERP)."""
+    n = a.numel()
+    size = min(n, _SLERP_CHUNK)
+    buf_x = torch.empty(1, size, dtype=dtype, device=a.device)
+    buf_y = torch.empty(1, size, dtype=dtype, device=a.device)
+    fa, fb = a.reshape(1, -1), b.reshape(1, -1)
+    for start in range(0, n, _SLERP_CHUNK):
+        stop = min(n, start + _SLERP_CHUNK)
+        x, y = buf_x[:, : stop - start], buf_y[:, : stop - start]
+        x.copy_(fa[:, start:stop])
+        y.copy_(fb[:, start:stop])
+        yield start, stop, x, y
+
+
 def slerp_coefficients(base: Tensor, model: Tensor, t: float) -> tuple[float, float]:
     """The coefficients ``(c_base, c_model)`` of :func:`slerp`: ``slerp(base, model, t) = c_base * base +
     c_model * model`` (exact floats of the compute dtype; a streaming caller can apply them slice by slice)."""
     t = _check_t(t)
     dtype = check_tensors([base, model], "tensors")
-    a, b = base.reshape(1, -1), model.reshape(1, -1)
-    tt = torch.tensor(t, dtype=dtype, device=a.device).reshape(1, 1)
-    if a.shape[1] == 0:
+    tt = torch.tensor(t, dtype=dtype, device=base.device).reshape(1, 1)
+    if base.numel() == 0:
         return float(1 - tt), float(tt)
     norm_a_parts, norm_b_parts = [], []
-    for start in range(0, a.shape[1], _SLERP_CHUNK):
-        x = a[:, start:start + _SLERP_CHUNK].to(dtype)
-        y = b[:, start:start + _SLERP_CHUNK].to(dtype)
+    for _, _, x, y in _slerp_chunks(base, model, dtype):
         norm_a_parts.append(torch.linalg.vector_norm(x, dim=1, keepdim=True))
         norm_b_parts.append(torch.linalg.vector_norm(y, dim=1, keepdim=True))
-        del x, y
     norm_a = torch.linalg.vector_norm(torch.stack(norm_a_parts), dim=0)
     norm_b = torch.linalg.vector_norm(torch.stack(norm_b_parts), dim=0)
     norm_a = torch.where(norm_a > _SLERP_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > _SLERP_EPS, norm_b, 1)
     dot_parts = []
-    for start in range(0, a.shape[1], _SLERP_CHUNK):
-        x = a[:, start:start + _SLERP_CHUNK].to(dtype) / norm_a
-        y = b[:, start:start + _SLERP_CHUNK].to(dtype) / norm_b
-        dot_parts.append((x * y).sum(dim=1, keepdim=True))
-        del x, y
+    for _, _, x, y in _slerp_chunks(base, model, dtype):
+        dot_parts.append(x.div_(norm_a).mul_(y.div_(norm_b)).sum(dim=1, keepdim=True))
     dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > _SLERP_DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
@@ -110,7 +120,7 @@ def slerp_coefficients(base: Tensor, model: Tensor, t: float) -> tuple[float, fl
     return float(coef_a), float(coef_b)
 
 
-def slerp(base: Tensor, model: Tensor, t: float) -> Tensor:
+def slerp(base: Tensor, model: Tensor, t: float, out_dtype: torch.dtype | None = None) -> Tensor:
     """Spherical linear interpolation of two *model* tensors (Shoemake 1985; mergekit's ``slerp``), returning
     the interpolated tensor itself (not a delta) in the compute dtype.
 
@@ -124,12 +134,14 @@ def slerp(base: Tensor, model: Tensor, t: float) -> Tensor:
     dot accumulated over chunks of 2**20 elements (mergekit batching B same-shape tensors uses chunks of
     ``2**20 // B``, which can move the norms by an ulp). Needs the base tensor, so it cannot run inside ATM
     rounds on deltas alone; it is not a sum of per-task terms. See :func:`slerp_coefficients`.
+
+    `out_dtype` (default: the compute dtype) is the result's dtype: each chunk is computed in the compute dtype
+    and then cast, so ``slerp(a, b, t, out_dtype=d)`` equals ``slerp(a, b, t).to(d)`` bit for bit with no
+    whole-tensor float32 copy of the inputs or of the result (the engine passes the output dtype).
     """
     c_a, c_b = slerp_coefficients(base, model, t)
     dtype = compute_dtype([base, model])
-    a, b = base.reshape(-1), model.reshape(-1)
-    out = torch.empty(a.numel(), dtype=dtype, device=a.device)
-    for start in range(0, a.numel(), _SLERP_CHUNK):
-        stop = start + _SLERP_CHUNK
-        out[start:stop] = a[start:stop].to(dtype) * c_a + b[start:stop].to(dtype) * c_b
+    out = torch.empty(base.numel(), dtype=out_dtype or dtype, device=base.device).reshape(1, -1)
+    for start, stop, x, y in _slerp_chunks(base, model, dtype):
+        out[:, start:stop] = x.mul_(c_a).add_(y.mul_(c_b))
     return out.view(base.shape)

@@ -7,7 +7,7 @@ vectors between processes all read these records. A new method is one pure tenso
 
 Each record's ``combine(spec, task_vectors, name)`` returns ``combine(tau_1..tau_n)`` for one tensor, unscaled
 (the dispatcher applies ``scale`` and ``normalize``); methods that need the base tensor itself (``slerp``) have
-``combine_models(spec, base, models, name)`` instead and no delta form, so they cannot run inside ATM rounds.
+``combine_models(spec, base, models, name, out_dtype)`` instead and no delta form, so they cannot run inside ATM rounds.
 Per-model options (``density``, ``gamma``, ``epsilon``) arrive as one float or one per model.
 """
 
@@ -153,7 +153,8 @@ class MethodRecord:
         elementwise: element-wise in the inputs: the engine streams it in slices directly.
         on_models: the result is computed from the model tensors (and base), not the deltas alone.
         combine: ``(spec, task_vectors, name) -> combine(tau)`` or None (``slerp``).
-        combine_models: ``(spec, base, models, name) -> merged tensor`` for ``on_models`` methods.
+        combine_models: ``(spec, base, models, name, out_dtype) -> merged tensor`` (in ``out_dtype``, computed in
+            the compute dtype) for ``on_models`` methods.
         per_task: ``(spec, tau, index, name, num_models) -> term`` for sum-decomposable methods.
         plan: ``(spec, magnitude, num_models, shape, name) -> methods.SlicedCombine`` for sliced methods.
     """
@@ -266,13 +267,15 @@ def _model_stock(spec: SpecOptions, taus: Sequence[Tensor], name: str) -> Tensor
 
 
 # -- model forms
-def _average_models(spec: SpecOptions, base: Tensor | None, models: Sequence[Tensor], name: str) -> Tensor:
-    return M.average(models, _w(spec))
+def _average_models(spec: SpecOptions, base: Tensor | None, models: Sequence[Tensor], name: str,
+                    out_dtype: torch.dtype) -> Tensor:
+    return M.average(models, _w(spec)).to(out_dtype)
 
 
-def _slerp_models(spec: SpecOptions, base: Tensor | None, models: Sequence[Tensor], name: str) -> Tensor:
+def _slerp_models(spec: SpecOptions, base: Tensor | None, models: Sequence[Tensor], name: str,
+                  out_dtype: torch.dtype) -> Tensor:
     assert base is not None
-    return M.slerp(base, models[0], float(_opt(spec, "t")))
+    return M.slerp(base, models[0], float(_opt(spec, "t")), out_dtype=out_dtype)
 
 
 # -- per-task terms of the sum-decomposable methods

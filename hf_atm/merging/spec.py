@@ -522,8 +522,10 @@ def plan_tensor(
     return TensorPlan(spec, combine, dtype, base.dtype if out_dtype is None else out_dtype, base.shape, len(models))
 
 
-def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor], name: str = "") -> Tensor:
-    """The merged tensor `name`, in the base's dtype (the first model's dtype for ``average`` without a base).
+def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor], name: str = "",
+                 out_dtype: torch.dtype | None = None) -> Tensor:
+    """The merged tensor `name`, in `out_dtype` (default: the base's dtype; the first model's for ``average``
+    without a base), computed in float32 / float64 and cast once at the end.
 
     * non-floating tensors (int buffers): a copy of the base (of the first model when there is no base);
     * ``average`` / ``linear``: ``sum_i w_i M_i / sum_i w_i`` (the base only sets the dtype and shape check);
@@ -546,19 +548,22 @@ def merge_tensor(spec: MergeSpec, base: Tensor | None, models: Sequence[Tensor],
             raise CheckpointError(
                 f"tensor {name!r}: model {i} has dtype {t.dtype} but the base is {ref.dtype}"
             )
-    out_dtype = ref.dtype
+    out_dtype = ref.dtype if out_dtype is None else out_dtype
     if base is None and record.needs_base:
         raise MergeConfigError(
             f"method {spec.method!r} needs a base model (only 'average' and 'linear' work without one)"
         )
     if record.combine_models is not None:
-        dtype = M.compute_dtype([ref, *models])
-        b = None if base is None else base.to(dtype)
-        return record.combine_models(spec, b, [t.to(dtype) for t in models], name).to(out_dtype)
+        # The model forms widen slice by slice themselves: no whole-tensor float32 copies of half-precision
+        # inputs (a 1B model's embedding is 262 MB in float32).
+        models = list(models)
+        if M.compute_dtype([ref, *models]) != M.compute_dtype(models):  # a float64 base: float64 throughout
+            models = [t.to(torch.float64) for t in models]
+        return record.combine_models(spec, base, models, name, out_dtype)
     assert base is not None
     if record.plan is not None:
         # Phase 1 over whole tensors, phase 2 in slices: the streaming engine runs the same plan.
-        return plan_tensor(spec, base, models, name).merge_all(base, models)
+        return plan_tensor(spec, base, models, name, out_dtype).merge_all(base, models)
     dtype = M.compute_dtype([base, *models])
     b = base.to(dtype)
     # Type promotion (b is in the widest dtype) upcasts each model inside the subtraction: no extra copy.
