@@ -588,6 +588,12 @@ def _series(runs: list[list[float]]) -> tuple[list[int], list[float], list[float
     return list(range(n)), ms, sds
 
 
+def _plot_rounds(ax: Any, runs: list[list[dict[str, float]]], label: str) -> None:
+    """Mean test accuracy by round (``test_by_round`` of each seed's run), mean ± sd over seeds, in percent."""
+    x, m, sd = _series([[mean_accuracy(a) for a in r] for r in runs])
+    ax.errorbar(x, [100 * v for v in m], yerr=[100 * v for v in sd], fmt="-o", capsize=3, label=label)
+
+
 def table(rows: Rows, tasks: list[str], order: list[str]) -> list[str]:
     lines = ["| method | " + " | ".join(tasks) + " | mean | normalized | chosen on validation |",
              "|---" * (len(tasks) + 4) + "|"]
@@ -656,9 +662,7 @@ def suite_report(name: str, root: Path, out: Path) -> list[str]:
     long_runs = [u[f"atm_{top}x1_chosen"] for u in done.values() if f"atm_{top}x1_chosen" in u]
     if long_runs:
         fig, ax = _axes()
-        x, m, sd = _series([[mean_accuracy(a) for a in r["test_by_round"]] for r in long_runs])
-        ax.errorbar(x, [100 * v for v in m], yerr=[100 * v for v in sd], fmt="-o", capsize=3,
-                    label="ATM test accuracy after round K")
+        _plot_rounds(ax, [r["test_by_round"] for r in long_runs], "ATM test accuracy after round K")
         pts = [(b, by_b[b].rows["joint"]["abs"]) for b in budgets if "joint" in by_b[b].rows]
         ax.errorbar([b for b, _ in pts], [100 * _mean(v) for _, v in pts], fmt="-s", capsize=3,
                     label="joint training after K epochs")
@@ -765,9 +769,7 @@ def ph_section(done: dict[int, dict[str, Any]], out: Path, tag: str, name: str) 
         scales = ", ".join(f"{r['start_scale']:g}" for r in rs)
         lines.append(f"| {LABELS[m]} | {_ms(start)} | {scales} | {', '.join(str(r['best_round']) for r in rs)} | "
                      f"{_ms(sel)} | {gain:+.1f} points (target >= 5: {'met' if gain >= 5 else 'not met'}) |")
-        x, ms, sd = _series([[mean_accuracy(a) for a in r["test_by_round"]] for r in rs])
-        ax.errorbar(x, [100 * v for v in ms], yerr=[100 * v for v in sd], fmt="-o", capsize=3,
-                    label=f"PH-ATM from {LABELS[m]}")
+        _plot_rounds(ax, [r["test_by_round"] for r in rs], f"PH-ATM from {LABELS[m]}")
     png = out / f"{tag}_ph_atm.png"
     _save(fig, ax, png, f"{name}: PH-ATM test accuracy by round", "round (0 = the one-shot merge)")
     seconds = _seconds([u.get(f"ph_B{HEADLINE}") for u in done.values()])
@@ -803,17 +805,15 @@ def auto_section(done: dict[int, dict[str, Any]], top: int, lrs: list[float], ou
         never = f"> {top}"
         at = [", ".join(f"{100 * mean_accuracy(r['test_by_round'][k]):.1f}" for k in (HEADLINE, top))
               for r in (fixed, auto)]
-        curves["fixed 1/n"].append([mean_accuracy(a) for a in fixed["test_by_round"]])
-        curves["auto"].append([mean_accuracy(a) for a in auto["test_by_round"]])
+        curves["fixed 1/n"].append(fixed["test_by_round"])
+        curves["auto"].append(auto["test_by_round"])
         lines.append(f"| {seed} | {100 * mean_accuracy(joint['test']):.1f} | {never if rf is None else rf} | "
                      f"{never if ra is None else ra} | {at[0]} | {at[1]} | {scales} |")
     if not met:
         return []
     fig, ax = _axes()
     for label, runs in curves.items():
-        x, m, sd = _series(runs)
-        ax.errorbar(x, [100 * v for v in m], yerr=[100 * v for v in sd], fmt="-o", capsize=3,
-                    label=f"ATM, {label}")
+        _plot_rounds(ax, runs, f"ATM, {label}")
     png = out / f"{tag}_auto.png"
     _save(fig, ax, png, f"{name}: ATM with the fixed mean and with merge_scale=auto", "round")
     decided = [m for m in met if m is not None]

@@ -315,8 +315,12 @@ class MergeResult:
     entries: dict[str, dict[str, Any]]
     scale: float | None = None
     validation_by_scale: dict[float, float] | None = None
-    scales_tried: list[float] | None = None
     at_grid_edge: bool | None = None
+
+    @property
+    def scales_tried(self) -> list[float] | None:
+        """The scales tried, in order: the keys of `validation_by_scale` (None for joint training)."""
+        return None if self.validation_by_scale is None else list(self.validation_by_scale)
 
 
 def one_shot_merge(
@@ -395,7 +399,7 @@ def one_shot_merge(
         e["scale"] = best
         e["validation_by_scale"] = dict(by_scale)
     return MergeResult(model=merged, entries=entries, scale=best, validation_by_scale=by_scale,
-                       scales_tried=found.scales_tried, at_grid_edge=found.at_grid_edge and method != "average")
+                       at_grid_edge=found.at_grid_edge and method != "average")
 
 
 def train_joint(
